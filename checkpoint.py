@@ -1,0 +1,112 @@
+"""Checkpoint files: one self-contained .pt (config + tokenizer + weights) that loads with
+`torch.load(path, weights_only=True)`, written atomically; resume state in a file beside it.
+
+    {"format": "vlm-checkpoint", "version": 1, "config": {...}, "tokenizer": "<json>",
+     "model": state_dict, "meta": {...}}
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from errors import UserError
+from model import VLM, VLMConfig
+from tokenizer import Tokenizer
+
+FORMAT, RESUME_FORMAT, VERSION = "vlm-checkpoint", "vlm-resume", 1
+
+
+def resume_path(output: str | Path) -> Path:
+    """checkpoints/vision_trained_model.pt -> checkpoints/vision_trained_model.resume.pt"""
+    p = Path(output)
+    return p.with_name(p.stem + ".resume.pt")
+
+
+def atomic_save(obj, path: str | Path):
+    """Write to a temp file in the same folder, fsync, then rename over the target: a crash or a
+    full disk never leaves a half-written file where the previous good one was."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"无法写入检查点 {path}：{e.strerror or e}。请检查磁盘空间和文件夹写权限；"
+                        f"之前保存的检查点未受影响。") from e
+
+
+def check_writable(path: str | Path):
+    """Fail before training starts, not hours later, if the output folder can't take a file."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f".{path.name}.probe{os.getpid()}")
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"输出位置 {path.parent} 不可写：{e.strerror or e}。请换一个 --output 路径。") from e
+
+
+def checkpoint_dict(model: VLM, tokenizer: Tokenizer, meta: dict | None = None) -> dict:
+    return {"format": FORMAT, "version": VERSION, "config": model.cfg.to_dict(),
+            "tokenizer": tokenizer.to_str(),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "meta": meta or {}}
+
+
+def save_checkpoint(path, model: VLM, tokenizer: Tokenizer, meta: dict | None = None):
+    atomic_save(checkpoint_dict(model, tokenizer, meta), path)
+
+
+def read_file(path: str | Path, what: str = "模型文件", fmt: str = FORMAT) -> dict:
+    """torch.load with weights_only=True, turning every expected failure into a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"找不到{what} {path}。请先训练一个（python train_vision.py），或检查路径。")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{what} {path} 含有不安全的内容（可执行代码或非张量对象），已拒绝加载。"
+                        f"只加载你信任的、由本工具保存的文件。") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise UserError(f"{what} {path} 已损坏或不是 PyTorch 文件，无法读取（{type(e).__name__}）。") from e
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        raise UserError(f"{path} 不是本工具保存的{what}（缺少 format={fmt!r} 标记）。"
+                        f"请用 train_vision.py / train_vision_real.py 训练得到的 .pt 文件。")
+    if obj.get("version", 0) > VERSION:
+        raise UserError(f"{path} 由更新版本的工具保存（版本 {obj['version']}），请升级本工具。")
+    return obj
+
+
+def model_from_dict(obj: dict, path="检查点") -> tuple[VLM, Tokenizer]:
+    try:
+        cfg = VLMConfig.from_dict(obj["config"])
+        tokenizer = Tokenizer.from_str(obj["tokenizer"])
+    except Exception as e:  # any malformed field: the file is not ours or was edited
+        raise UserError(f"{path} 的配置或分词器无法解析：{e}") from e
+    model = VLM(cfg)
+    try:
+        missing, unexpected = model.load_state_dict(obj["model"], strict=False)
+    except RuntimeError as e:                                   # shape mismatches
+        raise UserError(f"{path} 的权重与模型结构不符：{str(e).splitlines()[-1].strip()}") from e
+    if missing or unexpected:
+        raise UserError(f"{path} 的权重与模型结构不符：缺少 {sorted(missing)[:5]}，多余 {sorted(unexpected)[:5]}。")
+    return model, tokenizer
+
+
+def load_checkpoint(path, device="cpu") -> tuple[VLM, Tokenizer, dict]:
+    """(model in eval mode on device, tokenizer, meta). Strict: every weight must load."""
+    obj = read_file(path)
+    model, tokenizer = model_from_dict(obj, path)
+    return model.to(device).eval(), tokenizer, obj.get("meta", {})

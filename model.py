@@ -1,0 +1,348 @@
+"""A small vision-language model, readable top to bottom.
+
+image (B,3,H,W) -> VisionEncoder (CLIP-shaped ViT) -> patch features (B,N,Dv)
+                -> Projector (Linear-GELU-Linear)  -> image embeddings (B,N,D)
+prompt ids with N `<image>` tokens -> token embeddings (B,T,D), image rows spliced in
+                -> LanguageModel (Llama-shaped decoder) -> next-token logits
+
+The layouts mirror transformers' CLIPVisionModel and LlamaForCausalLM (CLS token, pre-LN,
+rotate-half RoPE, SwiGLU) so a trained model can be exported to the LLaVA format. The model
+knows nothing about files, tokenizers or HTTP: it sees tensors only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class VLMConfig:
+    # vision encoder (vit_*)
+    vit_image_size: int = 64
+    vit_patch_size: int = 8
+    vit_dim: int = 192
+    vit_layers: int = 4
+    vit_heads: int = 3
+    vit_mlp_ratio: float = 4.0
+    vit_image_mean: tuple = (0.5, 0.5, 0.5)      # preprocessing, kept with the weights
+    vit_image_std: tuple = (0.5, 0.5, 0.5)
+    # projector (mp_*): Linear(vit_dim, lm_dim) -> GELU -> Linear(lm_dim, lm_dim)
+    # language model (lm_*)
+    lm_vocab_size: int = 1024
+    lm_dim: int = 256
+    lm_layers: int = 4
+    lm_heads: int = 4
+    lm_kv_heads: int = 4
+    lm_hidden: int = 768
+    lm_max_len: int = 512
+    lm_rope_theta: float = 10000.0
+    lm_norm_eps: float = 1e-5
+    # special token ids, filled from the tokenizer
+    image_token_id: int = 0
+    pad_token_id: int = 1
+    bos_token_id: int = 2
+    eos_token_id: int = 3
+
+    @property
+    def image_tokens(self) -> int:
+        """How many `<image>` tokens one image becomes (one per patch, CLS dropped)."""
+        return (self.vit_image_size // self.vit_patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VLMConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**d)
+
+
+PRESETS = {
+    # smoke tests: seconds per epoch, learns nothing useful
+    "micro": dict(vit_image_size=32, vit_patch_size=8, vit_dim=32, vit_layers=1, vit_heads=2,
+                  lm_dim=32, lm_layers=1, lm_heads=2, lm_kv_heads=2, lm_hidden=64),
+    # CPU demo on synthetic scenes: a few minutes on 2 cores
+    "tiny": dict(),
+    # from-scratch run on one GPU
+    "small": dict(vit_image_size=224, vit_patch_size=16, vit_dim=384, vit_layers=6, vit_heads=6,
+                  lm_vocab_size=8192, lm_dim=512, lm_layers=8, lm_heads=8, lm_kv_heads=8,
+                  lm_hidden=1408, lm_max_len=1024),
+}
+
+
+# ----------------------------------------------------------------------------- vision
+
+class VisionBlock(nn.Module):
+    """Pre-LN transformer block, CLIP's layout (LayerNorm, biased q/k/v/out, GELU MLP)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
+        self.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
+
+    def forward(self, x):                                    # x: (B, N, D)
+        B, N, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, D // self.heads).unbind(2)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        x = x + self.out(a.transpose(1, 2).reshape(B, N, D))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class VisionEncoder(nn.Module):
+    """ViT: conv patch embedding + CLS + learned positions -> pre-LN -> blocks.
+
+    Returns the last block's patch features with CLS dropped (LLaVA's "default" strategy)."""
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        n = cfg.image_tokens
+        self.patch_embed = nn.Conv2d(3, cfg.vit_dim, cfg.vit_patch_size, cfg.vit_patch_size, bias=False)
+        self.cls = nn.Parameter(torch.randn(cfg.vit_dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(n + 1, cfg.vit_dim) * 0.02)
+        self.pre_norm = nn.LayerNorm(cfg.vit_dim)
+        self.blocks = nn.ModuleList(VisionBlock(cfg.vit_dim, cfg.vit_heads, cfg.vit_mlp_ratio)
+                                    for _ in range(cfg.vit_layers))
+
+    def forward(self, pixels):                               # pixels: (B, 3, H, W), normalised
+        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)          # (B, N, Dv)
+        x = torch.cat([self.cls.expand(x.shape[0], 1, -1).to(x.dtype), x], 1) + self.pos
+        x = self.pre_norm(x)
+        for block in self.blocks:
+            x = block(x)
+        return x[:, 1:]                                      # (B, N, Dv)
+
+
+class Projector(nn.Module):
+    """LLaVA's mlp2x_gelu: vision width -> LLM width."""
+
+    def __init__(self, vit_dim: int, lm_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(vit_dim, lm_dim)
+        self.fc2 = nn.Linear(lm_dim, lm_dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+# ----------------------------------------------------------------------------- language
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope(positions, head_dim: int, theta: float):
+    """cos/sin tables (B, 1, T, head_dim) for integer positions (B, T), rotate-half layout."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    ang = positions.float()[..., None] * inv                     # (B, T, hd/2)
+    ang = torch.cat([ang, ang], -1)[:, None]                     # (B, 1, T, hd)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, -1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (L, B, H_kv, T_max, hd), filled left to right.
+    Allocated on first use so it takes the dtype attention actually runs in."""
+
+    def __init__(self, cfg: VLMConfig, batch: int, max_len: int):
+        self.shape = (cfg.lm_layers, batch, cfg.lm_kv_heads, max_len, cfg.lm_dim // cfg.lm_heads)
+        self.k = self.v = None
+        self.len = 0                                             # filled positions
+
+    def update(self, layer: int, k, v):                          # k, v: (B, H_kv, T_new, hd)
+        if self.k is None:
+            self.k = k.new_zeros(self.shape)
+            self.v = v.new_zeros(self.shape)
+        end = self.len + k.shape[2]
+        self.k[layer, :, :, self.len:end] = k
+        self.v[layer, :, :, self.len:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class DecoderBlock(nn.Module):
+    """Llama block: RMSNorm -> attention (RoPE, GQA) -> RMSNorm -> SwiGLU."""
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.heads, self.kv_heads = cfg.lm_heads, cfg.lm_kv_heads
+        self.hd = cfg.lm_dim // cfg.lm_heads
+        self.attn_norm = RMSNorm(cfg.lm_dim, cfg.lm_norm_eps)
+        self.qkv = nn.Linear(cfg.lm_dim, (cfg.lm_heads + 2 * cfg.lm_kv_heads) * self.hd, bias=False)
+        self.o = nn.Linear(cfg.lm_dim, cfg.lm_dim, bias=False)
+        self.mlp_norm = RMSNorm(cfg.lm_dim, cfg.lm_norm_eps)
+        self.gate_up = nn.Linear(cfg.lm_dim, 2 * cfg.lm_hidden, bias=False)
+        self.down = nn.Linear(cfg.lm_hidden, cfg.lm_dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).split(
+            [self.heads * self.hd, self.kv_heads * self.hd, self.kv_heads * self.hd], -1)
+        q = apply_rope(q.view(B, T, self.heads, self.hd).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, T, self.kv_heads, self.hd).transpose(1, 2), cos, sin)
+        v = v.view(B, T, self.kv_heads, self.hd).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.kv_heads != self.heads)
+        x = x + self.o(a.transpose(1, 2).reshape(B, T, D))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, -1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.lm_vocab_size, cfg.lm_dim)
+        self.blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.lm_layers))
+        self.norm = RMSNorm(cfg.lm_dim, cfg.lm_norm_eps)
+
+    def forward(self, x, positions, mask=None, cache: KVCache | None = None):
+        """x: (B, T, D) embeddings; positions: (B, T); mask: bool (B, 1, T, T_total) or None
+        for plain causal attention. Returns final hidden states (B, T, D)."""
+        cos, sin = rope(positions, self.cfg.lm_dim // self.cfg.lm_heads, self.cfg.lm_rope_theta)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.len += x.shape[1]
+        return self.norm(x)
+
+    def logits(self, h):
+        return F.linear(h, self.embed.weight)                      # tied embeddings
+
+
+# ----------------------------------------------------------------------------- the VLM
+
+class VLM(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg)
+        self.projector = Projector(cfg.vit_dim, cfg.lm_dim)
+        self.lm = LanguageModel(cfg)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def embed(self, input_ids, pixels=None):
+        """Token embeddings with each run of `<image>` tokens replaced by projected patches."""
+        x = self.lm.embed(input_ids)                                 # (B, T, D)
+        is_img = input_ids == self.cfg.image_token_id
+        n_tokens = int(is_img.sum())
+        n_images = 0 if pixels is None else pixels.shape[0]
+        if n_tokens != n_images * self.cfg.image_tokens:
+            raise ValueError(
+                f"image tokens and images do not match: the prompts hold {n_tokens} <image> "
+                f"tokens but {n_images} image(s) give {n_images * self.cfg.image_tokens} "
+                f"({self.cfg.image_tokens} per image)")
+        if n_images:
+            feats = self.projector(self.vision(pixels.to(self.projector.fc1.weight.dtype)))               # (B_img, N, D)
+            x = x.masked_scatter(is_img[..., None], feats.to(x.dtype))
+        return x
+
+    def forward(self, input_ids, pixels=None, labels=None, attention_mask=None):
+        """Training/scoring pass. labels: (B, T) next-token targets aligned with input_ids,
+        -100 where no loss is taken (prompt, image, pad). Returns (loss, logits); with labels
+        only the supervised positions' logits are computed (a large saving on image tokens)."""
+        x = self.embed(input_ids, pixels)
+        positions, mask = positions_and_mask(attention_mask, input_ids.shape)
+        h = self.lm(x, positions.to(x.device), mask)
+        if labels is None:
+            return None, self.lm.logits(h)
+        target = labels[:, 1:]
+        keep = target != -100                                          # (B, T-1)
+        logits = self.lm.logits(h[:, :-1][keep])                      # (n_supervised, V)
+        loss = F.cross_entropy(logits.float(), target[keep])
+        return loss, logits
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixels=None, attention_mask=None, max_new_tokens=64,
+                 temperature=0.0, top_k=0, top_p=1.0, generator=None, stop_ids=None):
+        """Batched sampling with a KV cache. Prompts must be left-padded (attention_mask 0 on
+        the left). temperature 0 = greedy. Each row stops at EOS (or any of stop_ids); finished
+        rows emit pad. Yields the next token column (B,) per step, so callers can stream."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        stop = torch.tensor(sorted({self.cfg.eos_token_id, *(stop_ids or ())}), device=input_ids.device)
+        cache = KVCache(self.cfg, B, T + max_new_tokens)
+        x = self.embed(input_ids, pixels)
+        key_mask = attention_mask.bool()
+        positions, mask = positions_and_mask(attention_mask, (B, T))
+        h = self.lm(x, positions, mask, cache)
+        next_pos = positions[:, -1] + 1
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            tok = sample(self.lm.logits(h[:, -1]).float(), temperature, top_k, top_p, generator)
+            tok = torch.where(done, self.cfg.pad_token_id, tok)
+            yield tok
+            done |= torch.isin(tok, stop)
+            if bool(done.all()):
+                return
+            key_mask = torch.cat([key_mask, key_mask.new_ones(B, 1)], 1)
+            h = self.lm(self.lm.embed(tok[:, None]), next_pos[:, None], key_mask[:, None, None, :], cache)
+            next_pos = next_pos + 1
+
+
+def positions_and_mask(attention_mask, shape):
+    """Positions count only real tokens (left padding shifts them); the mask is causal and
+    hides pad keys. With no padding, mask is None and SDPA's fast causal path is used."""
+    B, T = shape
+    if attention_mask is None or bool(attention_mask.all()):
+        dev = None if attention_mask is None else attention_mask.device
+        return torch.arange(T, device=dev).expand(B, T), None
+    am = attention_mask.bool()
+    positions = (am.long().cumsum(1) - 1).clamp(min=0)
+    causal = torch.ones(T, T, dtype=torch.bool, device=am.device).tril()
+    mask = causal & am[:, None, None, :]                   # (B, 1, T, T)
+    mask |= torch.eye(T, dtype=torch.bool, device=am.device)  # pad rows attend to themselves (no NaN)
+    return positions, mask
+
+
+def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    """Next token from logits (B, V): greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p           # keep the first token always
+        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,280 @@
+"""The built-in synthetic world: 1-3 coloured shapes on a 3x3 grid, captions and Q&A about them.
+
+Every scene is a pure function of (seed, split, index), so data never needs to be stored.
+Some (colour, shape) pairs never appear in the training split; the test split has a "seen"
+part (no such pair) and a "heldout" part (at least one), which measures whether the model
+composes colour and shape or just memorised pairs.
+
+Export a folder usable by `train_vision_real.py --data-source local`:
+    python scenes.py --out data/vision_train --count 1000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+SHAPES = ["circle", "square", "triangle", "diamond", "cross"]
+SHAPES_ZH = {"circle": "圆形", "square": "正方形", "triangle": "三角形", "diamond": "菱形", "cross": "十字形"}
+COLOURS = {"red": (220, 35, 35), "green": (35, 160, 55), "blue": (35, 75, 220),
+           "yellow": (235, 200, 25), "purple": (145, 55, 190), "orange": (245, 135, 25)}
+COLOURS_ZH = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "purple": "紫色", "orange": "橙色"}
+POSITIONS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
+POSITIONS_ZH = ["左上方", "正上方", "右上方", "左侧", "中间", "右侧", "左下方", "正下方", "右下方"]
+COUNT_ZH = {1: "一", 2: "两", 3: "三"}
+COUNT_EN = {1: "one", 2: "two", 3: "three"}
+# never in training: each shape misses one colour, each of five colours misses one shape
+HELDOUT = {("red", "triangle"), ("green", "circle"), ("blue", "diamond"), ("yellow", "cross"),
+           ("purple", "square")}
+
+CAPTION_PROMPTS = {
+    "zh": ["描述这张图片", "图里有什么？", "请描述图中的内容。", "这张图片里有哪些形状？", "详细描述一下这幅图。"],
+    "en": ["Describe this image.", "What is in the picture?", "Describe the shapes in this image.",
+           "What do you see?"],
+}
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    colour: str
+    cell: int                  # 0..8, row-major
+
+
+def make_scene(seed: int, split: str, index: int):
+    """(objects sorted by cell, rng for rendering). split: train | test | heldout."""
+    rng = random.Random(f"{seed}/{split}/{index}")
+    n = rng.choice([1, 2, 3])
+    cells = sorted(rng.sample(range(9), n))
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    seen = [p for p in pairs if p not in HELDOUT]
+    chosen = [rng.choice(seen) for _ in cells]
+    if split == "heldout":
+        chosen[rng.randrange(n)] = rng.choice(sorted(HELDOUT))
+    elif split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}")
+    return [Obj(s, c, cell) for cell, (c, s) in zip(cells, chosen)], rng
+
+
+def render(objs, rng: random.Random, size: int = 64) -> Image.Image:
+    """Draw at 4x and downsample, for smooth edges. Sizes, offsets, tints and background vary."""
+    S = size * 4
+    base = rng.randint(190, 240)
+    bg = tuple(base + rng.randint(-12, 12) for _ in range(3))      # light, mildly tinted
+    img = Image.new("RGB", (S, S), bg)
+    d = ImageDraw.Draw(img)
+    cell = S / 3
+    for o in objs:
+        r = cell * rng.uniform(0.28, 0.42)                       # half-size of the shape
+        slack = cell / 2 - r
+        cx = (o.cell % 3 + 0.5) * cell + rng.uniform(-slack, slack) * 0.8
+        cy = (o.cell // 3 + 0.5) * cell + rng.uniform(-slack, slack) * 0.8
+        col = tuple(max(0, min(255, v + rng.randint(-20, 20))) for v in COLOURS[o.colour])
+        if o.shape == "circle":
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
+        elif o.shape == "square":
+            q = r * 0.9
+            d.rectangle([cx - q, cy - q, cx + q, cy + q], fill=col)
+        elif o.shape == "triangle":
+            d.polygon([(cx, cy - r), (cx + r * 1.1, cy + r * 0.85), (cx - r * 1.1, cy + r * 0.85)], fill=col)
+        elif o.shape == "diamond":
+            d.polygon([(cx, cy - r * 1.15), (cx + r, cy), (cx, cy + r * 1.15), (cx - r, cy)], fill=col)
+        elif o.shape == "cross":
+            w = r * 0.36
+            d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=col)
+            d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=col)
+    return img.resize((size, size), Image.BILINEAR, reducing_gap=2.0)
+
+
+# ----------------------------------------------------------------------------- language
+
+def name(o: Obj, lang: str) -> str:
+    if lang == "zh":
+        return f"{COLOURS_ZH[o.colour]}的{SHAPES_ZH[o.shape]}"
+    return f"{o.colour} {o.shape}"
+
+
+def caption(objs, lang: str = "zh") -> str:
+    if lang == "zh":
+        parts = [f"{POSITIONS_ZH[o.cell]}是一个{name(o, lang)}" for o in objs]
+        return f"图中有{COUNT_ZH[len(objs)]}个形状：" + "，".join(parts) + "。"
+    parts = [f"a {name(o, lang)} at the {POSITIONS[o.cell]}" for o in objs]
+    head = "There is one shape: " if len(objs) == 1 else f"There are {COUNT_EN[len(objs)]} shapes: "
+    return head + (", and ".join([", ".join(parts[:-1]), parts[-1]]) if len(parts) > 1 else parts[0]) + "."
+
+
+def questions(objs, lang: str = "zh"):
+    """Every question this scene can answer, as (kind, question, answer)."""
+    by_cell = {o.cell: o for o in objs}
+    zh = lang == "zh"
+    out = [("count", "图中有几个形状？" if zh else "How many shapes are there?",
+            f"{COUNT_ZH[len(objs)]}个。" if zh else f"{COUNT_EN[len(objs)].capitalize()}.")]
+    for s in SHAPES:
+        matches = [o for o in objs if o.shape == s]
+        if len(matches) > 1:
+            continue
+        q = f"{SHAPES_ZH[s]}是什么颜色的？" if zh else f"What color is the {s}?"
+        if matches:
+            c = matches[0].colour
+            a = f"{COLOURS_ZH[c]}。" if zh else f"{c.capitalize()}."
+        else:
+            a = f"图中没有{SHAPES_ZH[s]}。" if zh else f"There is no {s}."
+        out.append(("colour", q, a))
+    for cell in range(9):
+        o = by_cell.get(cell)
+        pz, pe = POSITIONS_ZH[cell], POSITIONS[cell]
+        none = f"{pz}没有形状。" if zh else f"There is nothing at the {pe}."
+        out.append(("shape", f"{pz}是什么形状？" if zh else f"What shape is at the {pe}?",
+                    (f"{SHAPES_ZH[o.shape]}。" if zh else f"A {o.shape}.") if o else none))
+        out.append(("object", f"{pz}有什么？" if zh else f"What is at the {pe}?",
+                    (f"一个{name(o, lang)}。" if zh else f"A {name(o, lang)}.") if o else none))
+    return out
+
+
+def parse_caption(text: str, lang: str = "zh"):
+    """The set of (cell, colour, shape) a caption names; unreadable parts are ignored."""
+    found = set()
+    if lang == "zh":
+        for cell, p in enumerate(POSITIONS_ZH):
+            for c, cz in COLOURS_ZH.items():
+                for s, sz in SHAPES_ZH.items():
+                    if f"{p}是一个{cz}的{sz}" in text:
+                        found.add((cell, c, s))
+        return found
+    for cell, p in enumerate(POSITIONS):
+        for c in COLOURS:
+            for s in SHAPES:
+                if f"a {c} {s} at the {p}," in text + "," or f"a {c} {s} at the {p}." in text:
+                    found.add((cell, c, s))
+    return found
+
+
+# ----------------------------------------------------------------------------- data set
+
+class SceneDataset(torch.utils.data.Dataset):
+    """Map-style: item i is scene i of the split as a conversation of 1-3 turns (the caption
+    and/or questions, in random order), drawn afresh each epoch. Several turns per image share
+    one pass of the vision encoder and the image tokens, so each step teaches more. Items carry
+    per-cell labels for the encoder's auxiliary probe."""
+
+    epoch_keys = True                                           # items are keyed (epoch, index)
+
+    def __init__(self, size: int, split: str = "train", seed: int = 0, lang: str = "zh",
+                 image_size: int = 64, max_turns: int = 3):
+        self.size, self.split, self.seed, self.lang = size, split, seed, lang
+        self.image_size, self.max_turns = image_size, max_turns
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        objs, rng = make_scene(self.seed, self.split, i)
+        image = render(objs, rng, self.image_size)
+        task = random.Random(f"{self.seed}/{self.split}/{i}/task/{epoch}")
+        qas = [(q, a) for _, q, a in questions(objs, self.lang)]
+        turns = [(task.choice(CAPTION_PROMPTS[self.lang]), caption(objs, self.lang))] + task.sample(qas, 3)
+        chosen = task.sample(turns, task.randint(1, self.max_turns))
+        messages = []
+        for q, a in chosen:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        return {"image": image, "messages": messages, "cells": cell_labels(objs)}
+
+
+def cell_labels(objs) -> torch.Tensor:
+    """(2, 9): row 0 shape index+1 per cell, row 1 colour index+1 per cell, 0 = empty."""
+    t = torch.zeros(2, 9, dtype=torch.long)
+    colours = list(COLOURS)
+    for o in objs:
+        t[0, o.cell] = SHAPES.index(o.shape) + 1
+        t[1, o.cell] = colours.index(o.colour) + 1
+    return t
+
+
+class CellProbe(torch.nn.Module):
+    """Auxiliary training signal for the vision encoder (~2.5k parameters, not saved with the
+    model): pool the encoder's patch features into the 3x3 grid and predict each cell's shape
+    and colour. Without it the language model first learns the caption pattern and ignores the
+    image for a long, seed-dependent while; with it the encoder learns to see from the start.
+    It reads the features through a forward hook, so the model's code stays untouched."""
+
+    def __init__(self, vision: torch.nn.Module, vit_dim: int):
+        super().__init__()
+        self.shape = torch.nn.Linear(vit_dim, len(SHAPES) + 1)
+        self.colour = torch.nn.Linear(vit_dim, len(COLOURS) + 1)
+        self.feats = None
+        vision.register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output):
+        self.feats = output if module.training else None
+
+    def forward(self, batch):                                  # feats (B, N, Dv), cells (B, 2, 9)
+        feats, cells = self.feats, batch["cells"]
+        B, N, D = feats.shape
+        g = math.isqrt(N)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(
+            feats.transpose(1, 2).reshape(B, D, g, g).float(), 3).flatten(2).transpose(1, 2)  # (B, 9, D)
+        ce = torch.nn.functional.cross_entropy
+        return (ce(self.shape(pooled).flatten(0, 1), cells[:, 0].flatten())
+                + ce(self.colour(pooled).flatten(0, 1), cells[:, 1].flatten()))
+
+
+def all_texts(lang: str = "zh"):
+    """Every sentence the world can produce, for training the demo tokenizer."""
+    rng = random.Random(0)
+    texts = list(CAPTION_PROMPTS[lang])
+    for i in range(3000):
+        objs, _ = make_scene(0, "heldout" if i % 3 == 0 else "train", i)
+        texts.append(caption(objs, lang))
+        texts += [q + a for _, q, a in questions(objs, lang)]
+    rng.shuffle(texts)
+    return texts
+
+
+# ----------------------------------------------------------------------------- export
+
+def export(out: Path, count: int, split: str = "train", seed: int = 0, lang: str = "zh", size: int = 64):
+    """Write images/, captions.json ({file: caption}) and metadata.jsonl (objects + Q&A)."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    captions, meta = {}, []
+    for i in range(count):
+        objs, rng = make_scene(seed, split, i)
+        fname = f"scene_{split}_{i:06d}.png"
+        render(objs, rng, size).save(out / "images" / fname)
+        captions[fname] = caption(objs, lang)
+        meta.append({"file_name": f"images/{fname}", "caption": captions[fname],
+                     "objects": [{"shape": o.shape, "shape_zh": SHAPES_ZH[o.shape], "colour": o.colour,
+                                  "colour_zh": COLOURS_ZH[o.colour], "position": POSITIONS[o.cell],
+                                  "position_zh": POSITIONS_ZH[o.cell]} for o in objs],
+                     "qa": [{"question": q, "answer": a} for _, q, a in questions(objs, lang)]})
+    (out / "captions.json").write_text(json.dumps(captions, ensure_ascii=False, indent=1), encoding="utf-8")
+    with open(out / "metadata.jsonl", "w", encoding="utf-8") as f:
+        for m in meta:
+            f.write(json.dumps(m, ensure_ascii=False) + "\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="导出合成场景为本地数据文件夹（images/ + captions.json + metadata.jsonl）")
+    p.add_argument("--out", default="data/vision_train", help="输出文件夹（默认 data/vision_train）")
+    p.add_argument("--count", type=int, default=1000, help="场景数量（默认 1000）")
+    p.add_argument("--split", default="train", choices=["train", "test", "heldout"],
+                   help="train=训练集；test=测试集（已见组合）；heldout=含训练中从未出现的颜色+形状组合")
+    p.add_argument("--seed", type=int, default=0, help="随机种子（默认 0）")
+    p.add_argument("--lang", default="zh", choices=["zh", "en"], help="描述语言（默认 zh）")
+    p.add_argument("--size", type=int, default=64, help="图片边长（像素，默认 64）")
+    a = p.parse_args(argv)
+    if a.count <= 0 or a.size < 16:
+        p.exit(2, "错误：--count 必须为正数，--size 至少为 16。\n")
+    export(Path(a.out), a.count, a.split, a.seed, a.lang, a.size)
+    print(f"已写入 {a.count} 个场景到 {a.out}（images/、captions.json、metadata.jsonl）")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+import pickle
+
+import pytest
+import torch
+
+from checkpoint import load_checkpoint, save_checkpoint
+from errors import UserError
+
+
+def test_round_trip_under_weights_only(tiny, tok, tmp_path):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, tiny, tok, {"lang": "zh"})
+    raw = torch.load(path, weights_only=True)                     # plain tensors and strings only
+    assert raw["format"] == "vlm-checkpoint" and raw["meta"] == {"lang": "zh"}
+    model, tok2, meta = load_checkpoint(path)
+    ids = torch.tensor([[tok.bos_id] + tok.encode("你好")])
+    torch.testing.assert_close(model(ids)[1], tiny(ids)[1], rtol=0, atol=0)
+    assert tok2.encode("红色的圆形") == tok.encode("红色的圆形")
+    assert not list(tmp_path.glob(".*tmp*"))                      # no temp file left behind
+
+
+class Payload:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch /tmp/vlm_payload_ran",))
+
+
+@pytest.mark.parametrize("kind", ["missing", "garbage", "foreign", "truncated", "malicious"])
+def test_bad_files_are_refused_with_a_clear_message(tiny, tok, tmp_path, kind):
+    import os
+    path = tmp_path / "bad.pt"
+    if kind == "garbage":
+        path.write_bytes(b"not a checkpoint at all")
+    elif kind == "foreign":
+        torch.save({"state_dict": tiny.state_dict()}, path)
+    elif kind == "truncated":
+        save_checkpoint(path, tiny, tok)
+        path.write_bytes(path.read_bytes()[:2000])
+    elif kind == "malicious":
+        if os.path.exists("/tmp/vlm_payload_ran"):
+            os.remove("/tmp/vlm_payload_ran")
+        with open(path, "wb") as f:
+            torch.save({"format": "vlm-checkpoint", "x": Payload()}, f, pickle_module=pickle)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert str(path) in msg and len(msg.splitlines()) == 1
+    assert not os.path.exists("/tmp/vlm_payload_ran")
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tiny, tok, tmp_path):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, tiny, tok)
+    obj = torch.load(path, weights_only=True)
+    obj["config"]["lm_dim"] = 64
+    torch.save(obj, path)
+    with pytest.raises(UserError, match="权重与模型结构不符"):
+        load_checkpoint(path)

@@ -1,0 +1,63 @@
+"""The demo's command line, run as a user would run it."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_is_chinese_and_lists_the_guides_flags():
+    out = run("train_vision.py", "--help").stdout
+    for flag in ["--batch-size", "--epochs", "--lr", "--checkpoint", "--output", "--resume", "--seed", "--device"]:
+        assert flag in out
+    assert "批次大小" in out and "学习率" in out
+
+
+def test_micro_run_trains_saves_and_reports(tmp_path):
+    out = tmp_path / "m.pt"
+    r = run("train_vision.py", "--preset", "micro", "--epochs", "2", "--train-size", "64", "--val-size", "16",
+            "--batch-size", "16", "--eval-scenes", "4", "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"Epoch 2/2: 100%\|.*\| 4/4 \[\d\d:\d\d<00:00, loss=\d+\.\d\d, avg=\d+\.\d\d, lr=\d\.\de-\d\d\]",
+                     r.stderr), r.stderr
+    assert "Epoch 1 完成, 平均损失: " in r.stdout and "→ 新的最佳损失! 保存模型..." in r.stdout
+    assert "精确匹配" in r.stdout
+    assert torch.load(out, weights_only=True)["meta"]["lang"] == "zh"
+    log = [json.loads(l) for l in out.with_suffix(".log.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in log] == [1, 2] and "val_loss" in log[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--epochs", "-1"], "--epochs"),
+    (["--lr", "0"], "--lr"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--checkpoint", "/nonexistent/model.pt"], "找不到"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "设备"),
+])
+def test_bad_input_gets_one_chinese_line_and_nonzero_exit(args, needle, tmp_path):
+    r = run("train_vision.py", "--preset", "micro", "--output", str(tmp_path / "m.pt"), *args, timeout=60)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("错误：") and needle in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("content", [b"garbage", b""])
+def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path, content):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(content)
+    r = run("train_vision.py", "--checkpoint", str(bad), "--output", str(tmp_path / "m.pt"), timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("错误：")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    r = run("evaluate.py", "--checkpoint", str(foreign), timeout=60)
+    assert r.returncode == 2 and "不是本工具保存的" in r.stderr and "Traceback" not in r.stderr

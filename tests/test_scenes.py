@@ -1,0 +1,61 @@
+import json
+
+import scenes
+
+
+def test_generator_is_deterministic():
+    a = scenes.SceneDataset(5, seed=7)[(2, 3)]
+    b = scenes.SceneDataset(5, seed=7)[(2, 3)]
+    assert a["messages"] == b["messages"] and a["image"].tobytes() == b["image"].tobytes()
+    c = scenes.SceneDataset(5, seed=8)[(2, 3)]
+    assert c["image"].tobytes() != a["image"].tobytes()
+
+
+def test_heldout_pairs_never_in_training_and_always_in_heldout_split():
+    for i in range(3000):
+        objs, _ = scenes.make_scene(0, "train", i)
+        assert not any((o.colour, o.shape) in scenes.HELDOUT for o in objs)
+        objs, _ = scenes.make_scene(0, "test", i)
+        assert not any((o.colour, o.shape) in scenes.HELDOUT for o in objs)
+    for i in range(300):
+        objs, _ = scenes.make_scene(0, "heldout", i)
+        assert any((o.colour, o.shape) in scenes.HELDOUT for o in objs)
+
+
+def test_every_heldout_colour_and_shape_is_still_seen_in_training():
+    seen = set()
+    for i in range(2000):
+        seen |= {(o.colour, o.shape) for o in scenes.make_scene(0, "train", i)[0]}
+    assert {c for c, _ in scenes.HELDOUT} <= {c for c, _ in seen}
+    assert {s for _, s in scenes.HELDOUT} <= {s for _, s in seen}
+
+
+def test_caption_names_count_position_colour_shape_and_parses_back():
+    objs = [scenes.Obj("circle", "red", 0), scenes.Obj("triangle", "blue", 8)]
+    cap = scenes.caption(objs)
+    assert cap == "图中有两个形状：左上方是一个红色的圆形，右下方是一个蓝色的三角形。"
+    assert scenes.parse_caption(cap) == {(0, "red", "circle"), (8, "blue", "triangle")}
+    en = scenes.caption(objs, "en")
+    assert en == "There are two shapes: a red circle at the top left, and a blue triangle at the bottom right."
+    assert scenes.parse_caption(en, "en") == {(0, "red", "circle"), (8, "blue", "triangle")}
+
+
+def test_questions_cover_every_kind_with_right_answers():
+    objs = [scenes.Obj("circle", "red", 0), scenes.Obj("circle", "green", 4), scenes.Obj("cross", "blue", 8)]
+    qa = {q: a for _, q, a in scenes.questions(objs)}
+    assert qa["图中有几个形状？"] == "三个。"
+    assert qa["十字形是什么颜色的？"] == "蓝色。"
+    assert "圆形是什么颜色的？" not in qa                  # ambiguous: two circles
+    assert qa["菱形是什么颜色的？"] == "图中没有菱形。"
+    assert qa["中间是什么形状？"] == "圆形。"
+    assert qa["右下方有什么？"] == "一个蓝色的十字形。"
+    assert qa["右侧有什么？"] == "右侧没有形状。"
+
+
+def test_export_writes_the_guides_folder_format(tmp_path):
+    scenes.main(["--out", str(tmp_path), "--count", "4"])
+    caps = json.loads((tmp_path / "captions.json").read_text(encoding="utf-8"))
+    assert len(caps) == 4 and all((tmp_path / "images" / f).is_file() for f in caps)
+    meta = [json.loads(l) for l in (tmp_path / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert meta[0]["objects"][0]["colour_zh"] in scenes.COLOURS_ZH.values()
+    assert meta[0]["qa"] and meta[0]["caption"] == caps[meta[0]["file_name"].split("/")[-1]]

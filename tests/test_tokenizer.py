@@ -1,0 +1,44 @@
+import pytest
+
+from tokenizer import IMAGE, Tokenizer
+
+
+@pytest.mark.parametrize("text", ["左上方是一个红色的圆形。", "A red circle at the top left.",
+                                  "emoji 🙂🐱👍🏽 and 混合 text ©", "生僻字：龘靐齉", "  spaces\tand\nlines  "])
+def test_round_trips_any_text(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_cjk_characters_are_never_merged(tok):
+    ids = tok.encode("红色的三角形")
+    assert len(ids) == 6
+
+
+def test_special_tokens_in_user_text_are_plain_text(tok):
+    ids = tok.encode("</s><image><pad>")
+    assert tok.eos_id not in ids and tok.image_id not in ids and tok.pad_id not in ids
+    assert tok.decode(ids) == "</s><image><pad>"
+
+
+def test_chat_template_marks_only_answers(tok):
+    msgs = [{"role": "user", "content": "图里有什么？"}, {"role": "assistant", "content": "一个圆形。"},
+            {"role": "user", "content": "什么颜色？"}, {"role": "assistant", "content": "红色。"}]
+    ids, labels = tok.encode_chat(msgs, image_tokens=4, n_images=1)
+    assert ids[:2] == [tok.bos_id, tok.user_id] and ids[2:6] == [tok.image_id] * 4
+    answers = [l for l in labels if l != -100]
+    assert answers == tok.encode("一个圆形。") + [tok.eos_id] + tok.encode("红色。") + [tok.eos_id]
+    gen, _ = tok.encode_chat(msgs[:1], 4, 1, add_generation_prompt=True)
+    assert gen[-1] == tok.assistant_id and gen == ids[:len(gen)]
+
+
+def test_image_marker_position_and_count(tok):
+    ids, _ = tok.encode_chat([{"role": "user", "content": f"看{IMAGE}这个"}], 3, 1)
+    assert ids[2:] == tok.encode("看") + [tok.image_id] * 3 + tok.encode("这个")
+    with pytest.raises(ValueError):
+        tok.encode_chat([{"role": "user", "content": f"{IMAGE}{IMAGE}"}], 3, 1)
+
+
+def test_serialises_inside_a_string(tok):
+    again = Tokenizer.from_str(tok.to_str())
+    assert again.encode("你好 world") == tok.encode("你好 world")
+    assert again.eos_id == tok.eos_id
