@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 import scenes
 from checkpoint import load_checkpoint
 from collate import Collator
@@ -18,38 +16,13 @@ from errors import UserError, cli
 from evaluate import evaluate_scenes, generate_texts, print_table
 from model import PRESETS, VLM, VLMConfig, count_params
 from tokenizer import Tokenizer
-from trainer import TrainConfig, Trainer, TrainingInterrupted, resolve_device
-
-
-def common_flags(p: argparse.ArgumentParser, batch_size: int, epochs: int, lr: float):
-    """Flags both training scripts share (the guide's core flags first)."""
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"批次大小 (默认: {batch_size})")
-    p.add_argument("--epochs", type=int, default=epochs, help=f"训练轮数 (默认: {epochs})")
-    p.add_argument("--lr", type=float, default=lr, help=f"学习率 (默认: {lr:g})")
-    p.add_argument("--checkpoint", help="基础模型路径：从这个检查点继续训练（默认从头训练）")
-    p.add_argument("--output", default="checkpoints/vision_trained_model.pt",
-                   help="输出模型路径 (默认: checkpoints/vision_trained_model.pt)")
-    p.add_argument("--resume", action="store_true", help="从输出路径旁的断点文件（*.resume.pt）继续上次中断的训练")
-    p.add_argument("--seed", type=int, default=0, help="随机种子 (默认: 0)")
-    p.add_argument("--device", default="auto", help="设备: auto / cpu / cuda / cuda:N (默认: auto)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="计算精度 (默认: auto = bf16，不支持 bf16 的 GPU 用 fp16)")
-    p.add_argument("--grad-accum", type=int, default=1, help="梯度累积步数 (默认: 1)")
-    p.add_argument("--warmup", type=float, default=0.03, help="预热占总步数的比例 (默认: 0.03)")
-    p.add_argument("--workers", type=int, default=-1, help="数据加载进程数 (默认: 按机器自动)")
-    p.add_argument("--save-every", type=int, default=200, help="每多少步保存一次断点 (默认: 200)")
-
-
-def train_config(a) -> TrainConfig:
-    return TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, device=a.device,
-                       precision=a.precision, seed=a.seed, output=a.output, resume=a.resume,
-                       accum=a.grad_accum, warmup=a.warmup, workers=a.workers, save_every=a.save_every)
+from trainer import Trainer, TrainingInterrupted, add_train_flags, config_from_args, resolve_device
 
 
 def build_parser():
     p = argparse.ArgumentParser(
         description="合成数据演示：在 CPU 上几分钟内从零训练一个能看懂简单图形的小型视觉语言模型。")
-    common_flags(p, batch_size=48, epochs=6, lr=1e-3)
+    add_train_flags(p, batch_size=48, epochs=6, lr=1e-3)
     p.add_argument("--train-size", type=int, default=6000, help="每轮的训练场景数 (默认: 6000)")
     p.add_argument("--val-size", type=int, default=256, help="验证场景数 (默认: 256)")
     p.add_argument("--lang", default="zh", choices=["zh", "en"], help="描述语言: zh 中文 / en 英文 (默认: zh)")
@@ -62,7 +35,7 @@ def build_parser():
 @cli
 def main(argv=None):
     a = build_parser().parse_args(argv)
-    cfg = train_config(a)
+    cfg = config_from_args(a)
     cfg.validate()
     resolve_device(a.device)                      # fail on a bad --device before any work
     if a.train_size < 1 or a.val_size < 0 or a.eval_scenes < 0:

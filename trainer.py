@@ -11,6 +11,7 @@ per epoch (a fresh question, another of five captions) set `epoch_keys = True` a
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import math
@@ -59,6 +60,31 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg + "。")
+
+
+def add_train_flags(p: argparse.ArgumentParser, batch_size: int, epochs: int, lr: float):
+    """Flags both training scripts share (the guide's core flags first)."""
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"批次大小 (默认: {batch_size})")
+    p.add_argument("--epochs", type=int, default=epochs, help=f"训练轮数 (默认: {epochs})")
+    p.add_argument("--lr", type=float, default=lr, help=f"学习率 (默认: {lr:g})")
+    p.add_argument("--checkpoint", help="基础模型路径：从这个检查点继续训练（默认从头训练）")
+    p.add_argument("--output", default="checkpoints/vision_trained_model.pt",
+                   help="输出模型路径 (默认: checkpoints/vision_trained_model.pt)")
+    p.add_argument("--resume", action="store_true", help="从输出路径旁的断点文件（*.resume.pt）继续上次中断的训练")
+    p.add_argument("--seed", type=int, default=0, help="随机种子 (默认: 0)")
+    p.add_argument("--device", default="auto", help="设备: auto / cpu / cuda / cuda:N (默认: auto)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="计算精度 (默认: auto = bf16，不支持 bf16 的 GPU 用 fp16)")
+    p.add_argument("--grad-accum", type=int, default=1, help="梯度累积步数 (默认: 1)")
+    p.add_argument("--warmup", type=float, default=0.03, help="预热占总步数的比例 (默认: 0.03)")
+    p.add_argument("--workers", type=int, default=-1, help="数据加载进程数 (默认: 按机器自动)")
+    p.add_argument("--save-every", type=int, default=200, help="每多少步保存一次断点 (默认: 200)")
+
+
+def config_from_args(a) -> TrainConfig:
+    return TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, device=a.device,
+                       precision=a.precision, seed=a.seed, output=a.output, resume=a.resume,
+                       accum=a.grad_accum, warmup=a.warmup, workers=a.workers, save_every=a.save_every)
 
 
 class TrainingInterrupted(Exception):
