@@ -233,17 +233,27 @@ class LanguageModel(nn.Module):
     def logits(self, h):
         return F.linear(h, self.embed.weight)                      # tied embeddings
 
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.cfg, batch, max_len)
+
 
 # ----------------------------------------------------------------------------- the VLM
 
 class VLM(nn.Module):
-    def __init__(self, cfg: VLMConfig):
+    """vision and lm default to the modules above. Any module with the same small interface can
+    stand in (backbones.py wraps Hugging Face towers and LLMs this way):
+    vision(pixels) -> (B, N, vit_dim); lm(embeds, positions, mask, cache) -> hidden states,
+    lm.embed(ids), lm.logits(hidden), lm.new_cache(batch, max_len). Given modules keep their weights."""
+
+    def __init__(self, cfg: VLMConfig, vision: nn.Module | None = None, lm: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
-        self.vision = VisionEncoder(cfg)
+        self.vision = vision if vision is not None else VisionEncoder(cfg)
         self.projector = Projector(cfg.vit_dim, cfg.lm_dim)
-        self.lm = LanguageModel(cfg)
-        self.apply(self._init)
+        self.lm = lm if lm is not None else LanguageModel(cfg)
+        for part, given in ((self.vision, vision), (self.projector, None), (self.lm, lm)):
+            if given is None:
+                part.apply(self._init)
 
     @staticmethod
     def _init(m):
@@ -293,7 +303,7 @@ class VLM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         stop = torch.tensor(sorted({self.cfg.eos_token_id, *(stop_ids or ())}), device=input_ids.device)
-        cache = KVCache(self.cfg, B, T + max_new_tokens)
+        cache = self.lm.new_cache(B, T + max_new_tokens)
         x = self.embed(input_ids, pixels)
         key_mask = attention_mask.bool()
         positions, mask = positions_and_mask(attention_mask, (B, T))
