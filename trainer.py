@@ -361,15 +361,18 @@ class Trainer:
             if self.val_data is not None and len(self.val_data):
                 score = record["val_loss"] = round(self.evaluate_loss(self.val_data), 5)
                 print(f"验证损失: {score:.4f}", flush=True)
+            if self.on_epoch_end is not None:
+                self.model.eval()
+                extra = dict(self.on_epoch_end(self.model, epoch) or {})
+                self.model.train()
+                if "score" in extra:          # replaces the loss for choosing the best checkpoint (lower is better)
+                    score = extra.pop("score")
+                record.update(extra)
             if score < self.best:
                 self.best = score
                 print("→ 新的最佳损失! 保存模型...", flush=True)
                 save_checkpoint(cfg.output, self.model, self.tokenizer,
                                 {**self.meta, "epoch": epoch + 1, "step": self.step, "score": score})
-            if self.on_epoch_end is not None:
-                self.model.eval()
-                record.update(self.on_epoch_end(self.model, epoch) or {})
-                self.model.train()
             self.log_metrics(record)
             self.epoch, self.batch_in_epoch = epoch + 1, 0
             self.save_resume()
