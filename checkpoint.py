@@ -3,6 +3,10 @@
 
     {"format": "vlm-checkpoint", "version": 1, "config": {...}, "tokenizer": "<json>",
      "model": state_dict, "meta": {...}}
+A model with Hugging Face backbones (backbones.py) adds "backbones": {"stored": "full"|"delta",
+"vision": {source, config, ...} | None, "lm": {source, config, lora} | None}. "delta" (chosen with
+meta["weights"] = "delta") leaves the frozen backbone weights out of "model" and loads them from
+the named source again; either kind loads with load_checkpoint.
 """
 from __future__ import annotations
 
@@ -14,8 +18,8 @@ from pathlib import Path
 import torch
 
 from errors import UserError
-from model import VLM, VLMConfig
-from tokenizer import Tokenizer
+from model import VLM, LanguageModel, VisionEncoder, VLMConfig
+from tokenizer import Tokenizer, load_tokenizer
 
 FORMAT, RESUME_FORMAT, VERSION = "vlm-checkpoint", "vlm-resume", 1
 
@@ -58,11 +62,21 @@ def check_writable(path: str | Path):
         raise UserError(f"输出位置 {path.parent} 不可写：{e.strerror or e}。请换一个 --output 路径。") from e
 
 
+def uses_backbones(model: VLM) -> bool:
+    """True when a part is not the built-in one (a Hugging Face backbone, see backbones.py)."""
+    return not (isinstance(model.vision, VisionEncoder) and isinstance(model.lm, LanguageModel))
+
+
 def checkpoint_dict(model: VLM, tokenizer: Tokenizer, meta: dict | None = None) -> dict:
-    return {"format": FORMAT, "version": VERSION, "config": model.cfg.to_dict(),
-            "tokenizer": tokenizer.to_str(),
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "meta": meta or {}}
+    meta = meta or {}
+    obj = {"format": FORMAT, "version": VERSION, "config": model.cfg.to_dict(),
+           "tokenizer": tokenizer.to_str(),
+           "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+           "meta": meta}
+    if uses_backbones(model):
+        import backbones                      # transformers is only imported for models that use it
+        obj["model"], obj["backbones"] = backbones.checkpoint_entry(model, obj["model"], meta.get("weights") == "delta")
+    return obj
 
 
 def save_checkpoint(path, model: VLM, tokenizer: Tokenizer, meta: dict | None = None):
@@ -92,9 +106,12 @@ def read_file(path: str | Path, what: str = "模型文件", fmt: str = FORMAT) -
 def model_from_dict(obj: dict, path="检查点") -> tuple[VLM, Tokenizer]:
     try:
         cfg = VLMConfig.from_dict(obj["config"])
-        tokenizer = Tokenizer.from_str(obj["tokenizer"])
+        tokenizer = load_tokenizer(obj["tokenizer"])
     except Exception as e:  # any malformed field: the file is not ours or was edited
         raise UserError(f"{path} 的配置或分词器无法解析：{e}") from e
+    if "backbones" in obj:
+        import backbones
+        return backbones.model_from_checkpoint(obj, tokenizer, path), tokenizer
     model = VLM(cfg)
     try:
         missing, unexpected = model.load_state_dict(obj["model"], strict=False)
@@ -103,6 +120,14 @@ def model_from_dict(obj: dict, path="检查点") -> tuple[VLM, Tokenizer]:
     if missing or unexpected:
         raise UserError(f"{path} 的权重与模型结构不符：缺少 {sorted(missing)[:5]}，多余 {sorted(unexpected)[:5]}。")
     return model, tokenizer
+
+
+def restore_weights(model: VLM, obj: dict, path="检查点"):
+    """Load a checkpoint dict's weights into an already built model (e.g. on --resume)."""
+    if "backbones" in obj:
+        import backbones
+        return backbones.restore_weights(model, obj, path)
+    model.load_state_dict(obj["model"])
 
 
 def load_checkpoint(path, device="cpu") -> tuple[VLM, Tokenizer, dict]:

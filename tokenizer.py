@@ -11,6 +11,9 @@ Loss is taken on the answer tokens and their </s> only.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 IMAGE, PAD, BOS, EOS, USER, ASSISTANT = "<image>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"
@@ -92,3 +95,118 @@ class Tokenizer:
             ids.append(self.assistant_id)
             labels.append(-100)
         return ids, labels
+
+
+class ChatTemplateTokenizer:
+    """A Hugging Face tokenizer with its own chat template, behind the same interface as
+    Tokenizer (encode/decode/encode_chat, image/pad/bos/eos ids, to_str), so Collator, generate
+    and serve work unchanged with an existing LLM. `<image>` must already be one of its tokens.
+
+    encode_chat renders the template turn by turn: the text a turn adds after the generation
+    prompt is the answer span that carries the loss (its end-of-turn token included)."""
+
+    def __init__(self, hf):
+        self.hf = hf
+        if hf.chat_template is None:
+            hf.chat_template = FALLBACK_TEMPLATE
+        self.image_id = hf.convert_tokens_to_ids(IMAGE)
+        if self.image_id is None or self.image_id == hf.unk_token_id:
+            raise ValueError(f"tokenizer lacks the {IMAGE} token")
+        self.eos_id = self._end_of_turn_id()
+        self.pad_id = hf.pad_token_id if hf.pad_token_id is not None else self.eos_id
+        self.bos_id = hf.bos_token_id if hf.bos_token_id is not None else self.pad_id
+
+    def _render(self, messages, add_generation_prompt):
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _end_of_turn_id(self) -> int:
+        """The token the template puts right after an answer (e.g. <|im_end|>), else eos."""
+        chat = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
+        prompt, full = self._render(chat[:1], True), self._render(chat, False)
+        after = full[len(prompt):].split("2", 1)[-1]
+        special = set(self.hf.all_special_ids) | {i for i, t in self.hf.added_tokens_decoder.items() if t.special}
+        ids = [i for i in self.encode(after) if i in special]
+        if ids:
+            return ids[0]
+        if self.hf.eos_token_id is None:
+            raise ValueError("tokenizer has neither an end-of-turn token in its chat template nor an eos token")
+        return self.hf.eos_token_id
+
+    @classmethod
+    def from_str(cls, s: str) -> "ChatTemplateTokenizer":
+        """Rebuild from to_str(): the tokenizer's saved files, written to a temp folder."""
+        import tempfile
+        from transformers import AutoTokenizer
+        with tempfile.TemporaryDirectory() as d:
+            for name, text in json.loads(s)["hf_tokenizer_files"].items():
+                (Path(d) / name).write_text(text, encoding="utf-8")
+            return cls(AutoTokenizer.from_pretrained(d))
+
+    def to_str(self) -> str:
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            self.hf.save_pretrained(d)
+            files = {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(d).iterdir()) if p.is_file()}
+        return json.dumps({"hf_tokenizer_files": files}, ensure_ascii=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def encode_chat(self, messages, image_tokens: int = 0, n_images: int = 0,
+                    add_generation_prompt: bool = False):
+        """Same contract as Tokenizer.encode_chat: (ids, labels), labels -100 outside answers."""
+        marked = sum(m["content"].count(IMAGE) for m in messages if m["role"] == "user")
+        if marked not in (0, n_images):
+            raise ValueError(f"{marked} <image> markers in the prompt but {n_images} image(s)")
+        if n_images and not marked:
+            first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+            messages = [*messages[:first], {**messages[first], "content": IMAGE * n_images + messages[first]["content"]},
+                        *messages[first + 1:]]
+        ids, labels, done = [], [], ""
+
+        def add(text, supervised):
+            piece = self.encode(text)
+            ids.extend(piece)
+            labels.extend(piece if supervised else [-100] * len(piece))
+
+        for i, m in enumerate(messages):
+            if m["role"] not in ("user", "assistant", "system"):
+                raise ValueError(f"unknown role {m['role']!r}")
+            if m["role"] == "assistant":
+                prompt, full = self._render(messages[:i], True), self._render(messages[:i + 1], False)
+                if not (prompt.startswith(done) and full.startswith(prompt)):
+                    raise ValueError("the chat template does not render turns as prefixes of each other")
+                add(prompt[len(done):], False)
+                add(full[len(prompt):], True)
+                done = full
+        rest = self._render(messages, add_generation_prompt)
+        if not rest.startswith(done):
+            raise ValueError("the chat template does not render turns as prefixes of each other")
+        add(rest[len(done):], False)
+        out_ids, out_labels = [], []
+        for t, l in zip(ids, labels):                 # each <image> becomes image_tokens copies
+            n = image_tokens if t == self.image_id else 1
+            out_ids += [t] * n
+            out_labels += [l if t != self.image_id else -100] * n
+        return out_ids, out_labels
+
+
+# For base models that ship without a chat template.
+FALLBACK_TEMPLATE = (
+    "{{ bos_token or '' }}{% for m in messages %}{% if m['role'] == 'assistant' %}Assistant: {{ m['content'] }}"
+    "{{ eos_token }}\n{% else %}User: {{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
+def load_tokenizer(s: str):
+    """Either kind of tokenizer from its to_str() form (as stored in checkpoints)."""
+    if s.startswith('{"hf_tokenizer_files"'):
+        return ChatTemplateTokenizer.from_str(s)
+    return Tokenizer.from_str(s)

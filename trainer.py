@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from checkpoint import RESUME_FORMAT, VERSION, atomic_save, check_writable, checkpoint_dict, read_file, resume_path, save_checkpoint
+from checkpoint import (RESUME_FORMAT, VERSION, atomic_save, check_writable, checkpoint_dict, read_file, restore_weights,
+                        resume_path, save_checkpoint)
 from errors import UserError
 
 BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
@@ -146,13 +147,15 @@ def default_workers() -> int:
 
 
 def param_groups(modules, weight_decay: float):
-    """No weight decay on 1-D parameters (norms, biases, CLS)."""
-    decay, no_decay = [], []
+    """No weight decay on 1-D parameters (norms, biases, CLS). A parameter's `lr_scale` attribute
+    (set by backbones.configure_training, default 1) multiplies its learning rate."""
+    groups = {}
     for m in modules:
         for p in m.parameters():
             if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+                groups.setdefault((p.ndim < 2, getattr(p, "lr_scale", 1.0)), []).append(p)
+    return [{"params": groups.get((nd, s), []), "weight_decay": 0.0 if nd else weight_decay, "lr_scale": s}
+            for s in sorted({s for _, s in groups} | {1.0}, reverse=True) for nd in (False, True)]
 
 
 def rng_state():
@@ -291,7 +294,7 @@ class Trainer:
         if saved["batch_size"] != self.cfg.batch_size or saved["accum"] != self.cfg.accum:
             raise UserError(f"断点用的是 --batch-size {saved['batch_size']} / --grad-accum {saved['accum']}，"
                             f"继续训练时必须相同。")
-        self.model.load_state_dict(obj["checkpoint"]["model"])
+        restore_weights(self.model, obj["checkpoint"])
         if self.aux is not None and obj["aux"] is not None:
             self.aux.load_state_dict(obj["aux"])
         self.opt.load_state_dict(obj["optimizer"])

@@ -1,0 +1,411 @@
+"""Pretrained backbones from Hugging Face: a CLIP / SigLIP / SigLIP2 vision tower and an existing
+causal LM (Llama, Qwen2, SmolLM2 ...) with its own tokenizer and chat template.
+
+Both are wrapped to the small interface VLM expects (model.py), so Collator, generate and serve
+need no changes:
+    HFVisionTower(pixels)           -> (B, N, Dv)  hidden states of one layer, CLS dropped
+    HFLanguageModel(x, pos, mask, cache) -> (B, T, D); .embed(ids), .logits(h), .new_cache(...)
+
+This module also decides what trains (projector / vision+projector / lora / all, with separate
+learning rates), and what a checkpoint of such a model holds: everything ("full"), or only what
+changed plus a reference to the base weights ("delta"). Both load with checkpoint.load_checkpoint.
+transformers and peft are imported inside functions: the built-in model never pays for them.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from errors import UserError
+from model import VLM, LanguageModel, VisionEncoder, VLMConfig
+from tokenizer import IMAGE, ChatTemplateTokenizer
+
+TRAIN_CHOICES = ("projector", "vision+projector", "lora", "all")
+# model_type in the tower's config.json -> transformers class name
+VISION_CLASSES = {"clip": "CLIPVisionModel", "clip_vision_model": "CLIPVisionModel",
+                  "siglip": "SiglipVisionModel", "siglip_vision_model": "SiglipVisionModel",
+                  "siglip2": "Siglip2VisionModel", "siglip2_vision_model": "Siglip2VisionModel"}
+# used only when a tower folder has no preprocessor_config.json
+DEFAULT_MEAN_STD = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+                    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+
+
+# ----------------------------------------------------------------------------- loading
+
+def quiet_transformers():
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def hub_error(what: str, source: str, err: Exception) -> UserError:
+    """One message for every way a hub id or folder can fail to load."""
+    if Path(source).expanduser().exists():
+        return UserError(f"无法从本地文件夹 {source} 加载{what}：{str(err).splitlines()[0][:200]}。"
+                         f"请确认它是 transformers 的 save_pretrained 文件夹（含 config.json 和权重文件）。")
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        return UserError(f"找不到{what}的本地文件夹 {source}，请检查路径。")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    return UserError(
+        f"无法获取{what} {source}{'（当前 HF_HUB_OFFLINE=1，离线模式）' if offline else ''}：Hugging Face Hub 连不上或没有这个模型。"
+        f"办法：在能联网的机器上先下载（hf download {source} --local-dir 某文件夹）再把该文件夹路径传给本参数；"
+        f"或设置镜像后重试（export HF_ENDPOINT=https://hf-mirror.com）。")
+
+
+def strict_from_pretrained(cls, source: str, what: str, **kw):
+    """cls.from_pretrained, but every weight must load: missing or mis-shaped keys are an error
+    that names them (never a silent random init, MiniMind-V's trap). Keys the class does not
+    use (e.g. the text half of a full CLIP checkpoint) are fine."""
+    quiet_transformers()
+    try:
+        model, info = cls.from_pretrained(source, output_loading_info=True, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise hub_error(what, source, e) from e
+    bad = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
+    if bad:
+        raise UserError(f"{what} {source} 的权重没有全部加载，缺少或形状不符的键共 {len(bad)} 个：{', '.join(bad[:8])}"
+                        f"{' …' if len(bad) > 8 else ''}。请确认文件夹完整、模型类型正确。")
+    return model
+
+
+def vision_config_of(source: str):
+    from transformers import AutoConfig
+    quiet_transformers()
+    try:
+        cfg = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as e:
+        raise hub_error("视觉编码器", source, e) from e
+    cfg = getattr(cfg, "vision_config", None) or cfg             # a full CLIP/SigLIP repo holds both towers
+    if cfg.model_type not in VISION_CLASSES:
+        raise UserError(f"{source} 的模型类型是 {cfg.model_type}，不是支持的视觉塔（CLIP、SigLIP、SigLIP2）。")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- vision
+
+class HFVisionTower(nn.Module):
+    """pixels (B, 3, S, S), normalised -> hidden states of `feature_layer` (B, N, Dv), CLS
+    dropped (LLaVA's "default" strategy; SigLIP has no CLS). -2 = penultimate layer, LLaVA's choice."""
+
+    def __init__(self, model: nn.Module, source: str, feature_layer: int = -2):
+        super().__init__()
+        self.model, self.source, self.feature_layer = model, source, feature_layer
+        self.kind = model.config.model_type.split("_")[0]             # clip | siglip | siglip2
+        n_layers = model.config.num_hidden_layers
+        if not -n_layers <= feature_layer <= n_layers:
+            raise UserError(f"--vision-layer {feature_layer} 超出范围：{source} 只有 {n_layers} 层"
+                            f"（可取 {-n_layers}…{n_layers}，-1 为最后一层）。")
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.config.patch_size
+
+    @property
+    def image_size(self) -> int:
+        c = self.model.config
+        if self.kind == "siglip2":                                     # NaFlex: use a fixed square grid
+            return int(c.num_patches ** 0.5) * c.patch_size
+        return c.image_size
+
+    def forward(self, pixels):
+        kw = {}
+        if self.kind == "siglip2":                                     # takes patches, not images
+            B, C, H, W = pixels.shape
+            p = self.patch_size
+            pixels = (pixels.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
+                      .reshape(B, (H // p) * (W // p), p * p * C))
+            kw = {"pixel_attention_mask": torch.ones(pixels.shape[:2], dtype=torch.long, device=pixels.device),
+                  "spatial_shapes": torch.tensor([[H // p, W // p]] * B, device=pixels.device)}
+        h = self.model(pixel_values=pixels, output_hidden_states=True, **kw).hidden_states[self.feature_layer]
+        return h[:, 1:] if self.kind == "clip" else h
+
+
+def load_vision_tower(source: str, feature_layer: int = -2, config: dict | None = None):
+    """(tower, preprocessing dict). With `config` (from a full checkpoint) the tower is built
+    from it and its weights come later; otherwise they load strictly from `source`."""
+    import transformers
+    quiet_transformers()
+    if config is not None:
+        cfg = transformers.AutoConfig.for_model(**config)
+        model = getattr(transformers, VISION_CLASSES[cfg.model_type])(cfg)
+    else:
+        cfg = vision_config_of(source)
+        model = strict_from_pretrained(getattr(transformers, VISION_CLASSES[cfg.model_type]), source, "视觉编码器")
+    tower = HFVisionTower(model, source, feature_layer)
+    return tower.float(), image_preprocessing(source, tower)
+
+
+def image_preprocessing(source: str, tower: HFVisionTower) -> dict:
+    """Image size from the tower; mean/std from its own preprocessor config (defaults by family
+    if the folder has none)."""
+    from transformers import AutoImageProcessor
+    try:
+        proc = AutoImageProcessor.from_pretrained(source)
+        mean, std = tuple(proc.image_mean), tuple(proc.image_std)
+    except (OSError, ValueError, KeyError, AttributeError):
+        mean, std = DEFAULT_MEAN_STD["clip" if tower.kind == "clip" else "siglip"]
+    return {"vit_image_size": tower.image_size, "vit_patch_size": tower.patch_size,
+            "vit_image_mean": mean, "vit_image_std": std}
+
+
+# ----------------------------------------------------------------------------- language model
+
+class HFLanguageModel(nn.Module):
+    """A transformers causal LM (optionally with peft LoRA adapters) behind LanguageModel's interface."""
+
+    def __init__(self, model: nn.Module, source: str):
+        super().__init__()
+        self.model, self.source = model, source          # model: *ForCausalLM, or a peft model around one
+        self.lora = None                                 # LoRA settings once adapters are added
+
+    @property
+    def causal(self):
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def embed(self, ids):
+        return self.causal.get_input_embeddings()(ids)
+
+    def forward(self, x, positions, mask=None, cache=None):
+        # Our mask is causal & "key is not padding" (B, 1, T, T_total); its last query row
+        # sees every key the batch may see, i.e. it is the 2-D key mask transformers expects.
+        key_mask = None if mask is None else mask[:, 0, -1, :].long()
+        decoder = self.causal.get_decoder()
+        cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        out = decoder(inputs_embeds=x, position_ids=positions, attention_mask=key_mask, use_cache=cache is not None,
+                      **{cache_arg: cache})                  # transformers 5.x renamed past_key_values
+        return out.last_hidden_state
+
+    def logits(self, h):
+        return self.causal.get_output_embeddings()(h)
+
+    def new_cache(self, batch: int, max_len: int):
+        from transformers import DynamicCache
+        return DynamicCache(config=self.causal.config)
+
+    def add_lora(self, r: int, alpha: int | None = None):
+        """LoRA adapters on every linear layer of the LLM (not lm_head); the base stays frozen."""
+        from peft import LoraConfig, get_peft_model
+        self.lora = {"r": r, "alpha": alpha or 2 * r}
+        self.model = get_peft_model(self.model, LoraConfig(r=r, lora_alpha=self.lora["alpha"], lora_dropout=0.0,
+                                                           target_modules="all-linear"))
+
+    def merged(self):
+        """The plain causal LM with LoRA folded into its weights (changes this module in place)."""
+        return self.model.merge_and_unload() if self.lora else self.model
+
+
+def load_causal_lm(source: str, config: dict | None = None, tokenizer: ChatTemplateTokenizer | None = None):
+    """(HFLanguageModel, ChatTemplateTokenizer). `<image>` is added to the tokenizer as a special
+    token and the embeddings grow to fit, new rows set to the mean embedding (deterministic, so a
+    delta checkpoint rebuilds the very same base). With `config` (full checkpoint) the model is
+    built from it and the tokenizer must be given."""
+    import transformers
+    quiet_transformers()
+    if config is not None:
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config),
+                                                              attn_implementation="sdpa")
+        return HFLanguageModel(model.float(), source), tokenizer
+    model = strict_from_pretrained(transformers.AutoModelForCausalLM, source, "语言模型", dtype=torch.float32,
+                                   attn_implementation="sdpa")
+    if tokenizer is None:
+        try:
+            hf_tok = transformers.AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, KeyError) as e:
+            raise hub_error("语言模型的分词器", source, e) from e
+        if IMAGE not in hf_tok.get_vocab():
+            hf_tok.add_tokens([IMAGE], special_tokens=True)
+        try:
+            tokenizer = ChatTemplateTokenizer(hf_tok)
+        except ValueError as e:
+            raise UserError(f"{source} 的分词器无法使用：{e}") from e
+    grow_embeddings(model, tokenizer.vocab_size)
+    return HFLanguageModel(model, source), tokenizer
+
+
+@torch.no_grad()
+def grow_embeddings(model, n: int):
+    old = model.get_input_embeddings().weight.shape[0]
+    if n <= old:
+        return
+    out_old = model.get_output_embeddings().weight[:old].mean(0)
+    mean = model.get_input_embeddings().weight.mean(0)
+    model.resize_token_embeddings(n, mean_resizing=False)
+    model.get_input_embeddings().weight[old:] = mean
+    model.get_output_embeddings().weight[old:] = out_old if not model.config.tie_word_embeddings else mean
+
+
+# ----------------------------------------------------------------------------- assembling a VLM
+
+def is_hf_lm(checkpoint: str | None) -> bool:
+    """--checkpoint names an HF causal LM (folder or hub id) rather than one of our .pt files."""
+    return bool(checkpoint) and not checkpoint.endswith(".pt") and not Path(checkpoint).is_file()
+
+
+def build_vlm(vision_source: str | None = None, lm_source: str | None = None, vision_layer: int = -2,
+              base: tuple | None = None, scratch_cfg: VLMConfig | None = None):
+    """A VLM with a new projector between
+    - vision: the HF tower `vision_source`, else base's encoder, else a new built-in ViT (scratch_cfg);
+    - LM: the HF causal LM `lm_source`, else base's LM (base = (VLM, Tokenizer) from our .pt).
+    Returns (model, tokenizer). A built-in part taken from `base` keeps its trained weights."""
+    if lm_source:
+        lm, tok = load_causal_lm(lm_source)
+        c = lm.causal.config
+        lm_fields = dict(lm_vocab_size=lm.causal.get_input_embeddings().weight.shape[0], lm_dim=c.hidden_size,
+                         lm_layers=c.num_hidden_layers, lm_heads=c.num_attention_heads,
+                         lm_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+                         lm_hidden=c.intermediate_size, lm_max_len=c.max_position_embeddings)
+    else:
+        if base is None:
+            raise UserError("使用预训练视觉编码器时需要一个语言模型：用 --checkpoint 给出本工具的 .pt 或 Hugging Face 语言模型。")
+        lm, tok = base[0].lm, base[1]
+        lm_fields = {k: v for k, v in base[0].cfg.to_dict().items() if k.startswith("lm_")}
+    if vision_source:
+        vision, vit_fields = load_vision_tower(vision_source, vision_layer)
+        c = vision.model.config
+        vit_fields.update(vit_dim=c.hidden_size, vit_layers=c.num_hidden_layers, vit_heads=c.num_attention_heads,
+                          vit_mlp_ratio=c.intermediate_size / c.hidden_size)
+    else:
+        src = base[0] if base is not None and isinstance(base[0].vision, VisionEncoder) else None
+        vision = src.vision if src is not None else None
+        vit_fields = {k: v for k, v in (src.cfg if src is not None else scratch_cfg or VLMConfig()).to_dict().items()
+                      if k.startswith("vit_")}
+    cfg = VLMConfig(**vit_fields, **lm_fields, image_token_id=tok.image_id, pad_token_id=tok.pad_id,
+                    bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    return VLM(cfg, vision=vision, lm=lm), tok
+
+
+def hf_parts(model: VLM) -> list[nn.Module]:
+    return [m for m in (model.vision, model.lm) if isinstance(m, (HFVisionTower, HFLanguageModel))]
+
+
+# ----------------------------------------------------------------------------- what trains
+
+def configure_training(model: VLM, train: str, lr: float, projector_lr: float | None = None,
+                       backbone_lr: float | None = None, lora_r: int = 16, gradient_checkpointing: bool = False):
+    """Freeze / unfreeze per the choice and tag each trainable parameter with `lr_scale`
+    (trainer.param_groups turns equal scales into one optimizer group):
+      projector         only the projector (LLaVA stage 1)
+      vision+projector  vision encoder + projector, LLM frozen (default with an existing LLM)
+      lora              vision encoder + projector + LoRA adapters on the LLM (LLM weights frozen)
+      all               everything
+    Pretrained (HF) parts learn at backbone_lr (default lr/10), the projector at projector_lr
+    (default lr), built-in parts trained from scratch at lr."""
+    if train not in TRAIN_CHOICES:
+        raise UserError(f"--train 只能是 {' / '.join(TRAIN_CHOICES)}。")
+    for value, name in ((projector_lr, "--projector-lr"), (backbone_lr, "--backbone-lr"), (lr, "--lr")):
+        if value is not None and not value > 0:
+            raise UserError(f"{name} 必须是大于 0 的数。")
+    if train == "lora":
+        if not isinstance(model.lm, HFLanguageModel):
+            raise UserError("--train lora 需要 Hugging Face 语言模型（--checkpoint 给出其文件夹或 hub id）。")
+        if lora_r < 1:
+            raise UserError("--lora-r 必须是正整数。")
+    if gradient_checkpointing and not hf_parts(model):
+        raise UserError("--gradient-checkpointing 只对预训练骨干（--vision-encoder 或 Hugging Face 语言模型）有效。")
+    trains = {"projector": {"projector"}, "vision+projector": {"vision", "projector"},
+              "lora": {"vision", "projector"}, "all": {"vision", "projector", "lm"}}[train]
+    for name in ("vision", "projector", "lm"):
+        getattr(model, name).requires_grad_(name in trains)
+    if train == "lora":
+        model.lm.add_lora(lora_r)                                   # adds trainable adapters only
+    backbone_scale = (backbone_lr or lr * 0.1) / lr
+    for name in ("vision", "projector", "lm"):
+        part = getattr(model, name)
+        scale = (projector_lr or lr) / lr if name == "projector" else backbone_scale if part in hf_parts(model) else 1.0
+        for p in part.parameters():
+            p.lr_scale = scale
+    if gradient_checkpointing:
+        for part in hf_parts(model):
+            target = part.causal if isinstance(part, HFLanguageModel) else part.model
+            target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def trainable_summary(model: VLM) -> str:
+    parts = []
+    for name, label in (("vision", "视觉编码器"), ("projector", "投影层"), ("lm", "语言模型")):
+        ps = list(getattr(model, name).parameters())
+        n, t = sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
+        parts.append(f"{label} {t / 1e6:.2f}M/{n / 1e6:.2f}M")
+    return "可训练参数：" + "，".join(parts)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoint_entry(model: VLM, state: dict, delta: bool) -> tuple[dict, dict]:
+    """(state to store, "backbones" entry). delta: frozen weights of the HF parts are left out;
+    the entry names their source and a fingerprint that must match when they are loaded back."""
+    entry = {"stored": "delta" if delta else "full", "vision": None, "lm": None}
+    if isinstance(model.vision, HFVisionTower):
+        entry["vision"] = {"source": model.vision.source, "feature_layer": model.vision.feature_layer,
+                           "config": model.vision.model.config.to_dict()}
+    if isinstance(model.lm, HFLanguageModel):
+        entry["lm"] = {"source": model.lm.source, "lora": model.lm.lora, "config": model.lm.causal.config.to_dict()}
+    if delta:
+        frozen = hf_keys(model, frozen_only=True)
+        state = {k: v for k, v in state.items() if k not in frozen}
+        entry["fingerprint"] = fingerprint(model, frozen)
+    for part in ("vision", "lm"):                         # JSON text: plain types for weights_only loading
+        if entry[part] is not None:
+            entry[part]["config"] = json.dumps(entry[part]["config"], default=str)
+    return state, entry
+
+
+def hf_keys(model: VLM, frozen_only: bool = False) -> set[str]:
+    """State-dict keys of the HF parts' parameters (tied weights under every name they have);
+    frozen_only: just those that do not train, i.e. still equal the base weights."""
+    prefixes = tuple(name + "." for name in ("vision", "lm") if getattr(model, name) in hf_parts(model))
+    return {k for k, v in model.state_dict(keep_vars=True).items()
+            if k.startswith(prefixes) and isinstance(v, nn.Parameter) and not (frozen_only and v.requires_grad)}
+
+
+@torch.no_grad()
+def fingerprint(model: VLM, keys: set[str]) -> float:
+    state = model.state_dict()
+    return float(sum(state[k].double().sum() for k in sorted(keys))) if keys else 0.0
+
+
+def model_from_checkpoint(obj: dict, tokenizer, path) -> VLM:
+    """Rebuild a VLM with HF parts from a checkpoint dict (either kind) and load its weights."""
+    entry = obj["backbones"]
+    cfg = VLMConfig.from_dict(obj["config"])
+    full = entry["stored"] == "full"
+    vision = lm = None
+    if entry["vision"]:
+        v = entry["vision"]
+        vision, _ = load_vision_tower(v["source"], v["feature_layer"], json.loads(v["config"]) if full else None)
+    if entry["lm"]:
+        l = entry["lm"]
+        if full:
+            lm, _ = load_causal_lm(l["source"], json.loads(l["config"]), tokenizer)
+        else:
+            lm, _ = load_causal_lm(l["source"], tokenizer=tokenizer)
+        if l["lora"]:
+            lm.add_lora(l["lora"]["r"], l["lora"]["alpha"])
+    model = VLM(cfg, vision=vision, lm=lm)
+    restore_weights(model, obj, path)
+    return model
+
+
+def restore_weights(model: VLM, obj: dict, path="检查点"):
+    """Load obj["model"] into model: strictly for a full checkpoint; for a delta, every stored
+    key must load and every key not stored must be a base weight that checks out."""
+    entry = obj.get("backbones") or {"stored": "full"}
+    try:
+        missing, unexpected = model.load_state_dict(obj["model"], strict=False)
+    except RuntimeError as e:
+        raise UserError(f"{path} 的权重与模型结构不符：{str(e).splitlines()[-1].strip()}") from e
+    base = set(missing) & hf_keys(model) if entry["stored"] == "delta" else set()
+    missing = [k for k in missing if k not in base]
+    if missing or unexpected:
+        raise UserError(f"{path} 的权重与模型结构不符：缺少 {sorted(missing)[:5]}，多余 {sorted(unexpected)[:5]}。")
+    if base and not torch.isclose(torch.tensor(fingerprint(model, base), dtype=torch.float64),
+                                  torch.tensor(entry["fingerprint"], dtype=torch.float64), rtol=1e-6, atol=1e-3):
+        sources = ", ".join(e["source"] for e in (entry["vision"], entry["lm"]) if e)
+        raise UserError(f"{path} 只存了训练改动的部分，但它引用的基础模型（{sources}）的权重和训练时不一样。"
+                        f"请换回训练时用的基础模型。")
