@@ -1,0 +1,328 @@
+"""Batched generation for the server: many requests share one forward pass per step.
+
+One thread owns the model. Each loop it
+  1. admits waiting jobs into free batch slots and prefills them together (image encoder + prompt),
+  2. runs one decode step for every running sequence at once (shared KV cache, one forward),
+  3. hands each job its new token; a job leaves the batch on its own (stop token, its own
+     max_new_tokens, time limit, or cancelled because its client went away).
+
+With the built-in LanguageModel the batch is elastic: the KV cache is right-aligned (every row's
+newest token sits in the same column, shorter histories are padded on the left and hidden by the
+key mask), so a newly prefilled job is merged in between two steps and a finished row is cut out.
+Other language models (Hugging Face backbones) keep their own cache type, so there a batch is
+formed from whatever is waiting, runs until its last row finishes, and then the next one starts.
+
+The engine knows nothing of HTTP: callers build a Job, submit() it, and receive events through
+the `publish` callback, called from the engine thread once per step with [(job, kind, value)]:
+("token", id) for streaming jobs and ("done", None) when a job ends (see job.finish_reason).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+import time
+
+import torch
+
+from model import LanguageModel, positions_and_mask, sample
+
+log = logging.getLogger("engine")
+GROW = 64                                   # KV columns added at a time
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit; the caller should answer 'busy, retry later'."""
+
+
+class Job:
+    """One generation request. ids: prompt token ids (image tokens included); pixels: the
+    prompt's images (n, 3, H, W) in order, or None."""
+
+    def __init__(self, ids, pixels=None, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
+                 seed=None, timeout=None, stream=False):
+        self.ids, self.pixels = list(ids), pixels
+        self.max_new_tokens, self.stream = max_new_tokens, stream
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.seed = seed
+        self.generator = None
+        self.tokens: list[int] = []
+        self.finish_reason = None           # stop | length | time_limit | cancelled | queue_timeout | error
+        self.cancelled = False
+        self.t_submit = time.monotonic()
+        self.deadline = None if timeout is None else self.t_submit + timeout
+        self.t_start = self.t_first = self.t_end = None
+
+    def cancel(self):
+        """Safe from any thread: the engine drops the job before its next step."""
+        self.cancelled = True
+
+    def timings(self) -> dict:
+        """Milliseconds: waiting for a slot, until the first token, in total; decode speed."""
+        ms = lambda a, b: None if a is None or b is None else round((b - a) * 1000, 1)
+        decode_s = None if self.t_first is None or self.t_end is None else self.t_end - self.t_first
+        tps = None if not decode_s or len(self.tokens) < 2 else round((len(self.tokens) - 1) / decode_s, 1)
+        return {"queue_ms": ms(self.t_submit, self.t_start), "first_token_ms": ms(self.t_submit, self.t_first),
+                "total_ms": ms(self.t_submit, self.t_end), "tokens_per_second": tps}
+
+
+class RowCache:
+    """KV cache for an elastic batch, with the interface LanguageModel uses (update(), len):
+    k, v: (L, B, H_kv, capacity, hd), columns [0, len) filled, right-aligned across rows."""
+
+    def __init__(self, k=None, v=None, length=0, shape=None):
+        self.k, self.v, self.len, self.shape = k, v, length, shape
+
+    def update(self, layer: int, k, v):                          # k, v: (B, H_kv, T_new, hd)
+        end = self.len + k.shape[2]
+        if self.k is None:
+            L, B, H, _, hd = self.shape
+            self.k = k.new_zeros(L, B, H, end + GROW, hd)
+            self.v = v.new_zeros(L, B, H, end + GROW, hd)
+        elif end > self.k.shape[3]:
+            self.k, self.v = (torch.cat([t, t.new_zeros(*t.shape[:3], end - t.shape[3] + GROW, t.shape[4])], 3)
+                              for t in (self.k, self.v))
+        self.k[layer, :, :, self.len:end] = k
+        self.v[layer, :, :, self.len:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Engine:
+    def __init__(self, model, stop_ids, max_batch=16, max_queue=64, publish=None):
+        self.model, self.cfg = model, model.cfg
+        self.device = next(model.parameters()).device
+        self.stop_ids = set(int(i) for i in stop_ids)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.publish = publish or (lambda events: None)
+        self.elastic = isinstance(model.lm, LanguageModel)
+        self.cv = threading.Condition()
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.closing = False
+        # the running batch: one entry per cache row (None = a finished row kept in a fixed batch)
+        self.rows: list[Job | None] = []
+        self.cache = self.key_mask = self.next_pos = self.last = None
+        self.events = []
+        self.stats = collections.Counter()
+        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+
+    # ------------------------------------------------------------------ called from other threads
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def close(self):
+        with self.cv:
+            self.closing = True
+            self.cv.notify()
+        self.thread.join(timeout=10)
+
+    def submit(self, job: Job):
+        """Queue a job, or raise QueueFull when max_queue jobs already wait for a slot."""
+        with self.cv:
+            free = max(0, self.max_batch - self.stats["active"])
+            if len(self.waiting) >= self.max_queue + free:
+                self.stats["rejected"] += 1
+                raise QueueFull
+            self.waiting.append(job)
+            self.stats["submitted"] += 1
+            self.cv.notify()
+
+    def snapshot(self) -> dict:
+        with self.cv:
+            s = dict(self.stats)
+            s["waiting"] = len(self.waiting)
+        s.setdefault("active", 0)
+        s["mean_batch"] = round(s.get("rows_stepped", 0) / s["steps"], 2) if s.get("steps") else 0.0
+        return s
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _loop(self):
+        while True:
+            with self.cv:
+                while not self.closing and not self.waiting and not self._running():
+                    self.cv.wait(timeout=1.0)
+                if self.closing:
+                    for job in [*self.waiting, *self._running()]:
+                        self._finish(job, "cancelled")
+                    self.waiting.clear()
+                    self._flush()
+                    return
+                new = self._admit()
+            try:
+                with torch.inference_mode():
+                    if new:
+                        self._prefill(new)
+                    if self._running():
+                        self._decode()
+            except Exception:                       # a bug or out of memory: fail this batch, keep serving
+                log.exception("generation failed")
+                for job in {*new, *self._running()}:
+                    if job.finish_reason is None:
+                        self._finish(job, "error")
+                self.rows, self.cache = [], None
+            with self.cv:
+                self.stats["active"] = len(self._running())
+            self._flush()
+
+    def _running(self):
+        return [j for j in self.rows if j is not None]
+
+    def _admit(self) -> list[Job]:
+        """Under the lock: drop cancelled/expired waiting jobs, take as many as fit."""
+        now = time.monotonic()
+        for job in list(self.waiting):
+            if job.cancelled or (job.deadline is not None and now > job.deadline):
+                self.waiting.remove(job)
+                self._finish(job, "cancelled" if job.cancelled else "queue_timeout")
+        if not self.elastic and self.rows:
+            return []                               # a fixed batch runs to its end first
+        room = self.max_batch - len(self.rows)
+        new = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+        self.stats["active"] = len(self._running()) + len(new)
+        return new
+
+    def _prefill(self, jobs: list[Job]):
+        """Encode the new jobs' images and prompts in one left-padded batch; sample each one's
+        first token; put the survivors into the running batch."""
+        now = time.monotonic()
+        B, T = len(jobs), max(len(j.ids) for j in jobs)
+        ids = torch.full((B, T), self.cfg.pad_token_id, dtype=torch.long)
+        am = torch.zeros((B, T), dtype=torch.long)
+        for b, job in enumerate(jobs):
+            ids[b, T - len(job.ids):] = torch.tensor(job.ids)
+            am[b, T - len(job.ids):] = 1
+            job.t_start = now
+            if job.temperature > 0:
+                job.generator = torch.Generator(self.device)
+                job.generator.manual_seed(job.seed if job.seed is not None else random.getrandbits(63))
+        ids, am = ids.to(self.device), am.to(self.device)
+        images = [j.pixels for j in jobs if j.pixels is not None]
+        pixels = torch.cat(images).to(self.device) if images else None
+        x = self.model.embed(ids, pixels)
+        positions, mask = positions_and_mask(am, (B, T))
+        longest = max(len(j.ids) + j.max_new_tokens for j in jobs)
+        cache = (RowCache(shape=(self.cfg.lm_layers, B, self.cfg.lm_kv_heads, 0, self.cfg.lm_dim // self.cfg.lm_heads))
+                 if self.elastic else self.model.lm.new_cache(B, longest))
+        h = self.model.lm(x, positions.to(self.device), mask, cache)
+        toks = self._sample(self.model.lm.logits(h[:, -1]).float(), jobs)
+        keep = self._accept(jobs, toks)
+        key_mask = am.bool()
+        next_pos = positions[:, -1] + 1
+        last = torch.tensor(toks, device=self.device)
+        if not self.elastic:
+            self.rows = [j if k else None for j, k in zip(jobs, keep)]
+            self.cache, self.key_mask, self.next_pos, self.last = cache, key_mask, next_pos, last
+            return
+        idx = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=self.device)
+        if len(idx) == 0:
+            return
+        cache.k, cache.v = cache.k.index_select(1, idx), cache.v.index_select(1, idx)
+        self._merge([jobs[i] for i in idx.tolist()], cache, key_mask[idx], next_pos[idx], last[idx])
+
+    def _merge(self, jobs, cache: RowCache, key_mask, next_pos, last):
+        """Join prefilled rows to the running batch, right-aligning both caches."""
+        if not self.rows:
+            self.rows, self.cache, self.key_mask, self.next_pos, self.last = jobs, cache, key_mask, next_pos, last
+            return
+        old, T = self.cache, max(self.cache.len, cache.len)
+        L, _, H, _, hd = old.k.shape
+        B = len(self.rows) + len(jobs)
+        k = old.k.new_zeros(L, B, H, T + GROW, hd)
+        v = torch.zeros_like(k)
+        mask = torch.zeros(B, T, dtype=torch.bool, device=self.device)
+        for rows, part, m in ((slice(0, len(self.rows)), old, self.key_mask), (slice(len(self.rows), B), cache, key_mask)):
+            k[:, rows, :, T - part.len:T] = part.k[:, :, :, :part.len]
+            v[:, rows, :, T - part.len:T] = part.v[:, :, :, :part.len]
+            mask[rows, T - part.len:] = m[:, :part.len]
+        self.rows = self.rows + jobs
+        self.cache = RowCache(k, v, T)
+        self.key_mask = mask
+        self.next_pos = torch.cat([self.next_pos, next_pos])
+        self.last = torch.cat([self.last, last])
+
+    def _decode(self):
+        """One step for the whole batch: feed each row's last token, sample the next."""
+        now = time.monotonic()
+        for i, job in enumerate(self.rows):
+            if job is not None and (job.cancelled or (job.deadline is not None and now > job.deadline)):
+                self._finish(job, "cancelled" if job.cancelled else "time_limit")
+                self.rows[i] = None
+        self._compact()
+        if not self._running():
+            return
+        B = len(self.rows)
+        self.key_mask = torch.cat([self.key_mask, self.key_mask.new_ones(B, 1)], 1)
+        h = self.model.lm(self.model.lm.embed(self.last[:, None]), self.next_pos[:, None],
+                          self.key_mask[:, None, None, :], self.cache)
+        self.next_pos = self.next_pos + 1
+        toks = self._sample(self.model.lm.logits(h[:, -1]).float(), self.rows)
+        self.stats["steps"] += 1
+        self.stats["rows_stepped"] += len(self._running())
+        keep = self._accept(self.rows, toks)
+        self.rows = [j if k else None for j, k in zip(self.rows, keep)]
+        self.last = torch.tensor(toks, device=self.device)
+        self._compact()
+
+    def _compact(self):
+        """Elastic batch: cut out finished rows and the left columns no row needs any more.
+        Fixed batch: drop it once every row has finished."""
+        if not self._running():
+            self.rows, self.cache = [], None
+            return
+        if not self.elastic or None not in self.rows:
+            return
+        idx = torch.tensor([i for i, j in enumerate(self.rows) if j is not None], device=self.device)
+        self.rows = [j for j in self.rows if j is not None]
+        self.key_mask = self.key_mask.index_select(0, idx)
+        self.next_pos, self.last = self.next_pos.index_select(0, idx), self.last.index_select(0, idx)
+        c = self.cache
+        first = int(self.key_mask.any(0).int().argmax())        # leftmost column some row still uses
+        c.k = c.k.index_select(1, idx)[:, :, :, first:]
+        c.v = c.v.index_select(1, idx)[:, :, :, first:]
+        c.len -= first
+        self.key_mask = self.key_mask[:, first:]
+
+    def _sample(self, logits, jobs) -> list[int]:
+        toks = logits.argmax(-1)
+        for i, job in enumerate(jobs):
+            if job is not None and job.temperature > 0:
+                toks[i] = sample(logits[i:i + 1], job.temperature, job.top_k, job.top_p, job.generator)[0]
+            elif job is None:
+                toks[i] = self.cfg.pad_token_id
+        return toks.tolist()
+
+    def _accept(self, jobs, toks) -> list[bool]:
+        """Record each job's new token; return which jobs continue."""
+        now = time.monotonic()
+        keep = []
+        for job, tok in zip(jobs, toks):
+            if job is None:
+                keep.append(False)
+                continue
+            if job.t_first is None:
+                job.t_first = now
+            if tok in self.stop_ids:
+                self._finish(job, "stop")
+                keep.append(False)
+                continue
+            job.tokens.append(tok)
+            self.stats["tokens"] += 1
+            if job.stream:
+                self.events.append((job, "token", tok))
+            if len(job.tokens) >= job.max_new_tokens:
+                self._finish(job, "length")
+            keep.append(job.finish_reason is None)
+        return keep
+
+    def _finish(self, job: Job, reason: str):
+        job.finish_reason, job.t_end = reason, time.monotonic()
+        self.stats[{"stop": "completed", "length": "completed"}.get(reason, reason)] += 1
+        self.events.append((job, "done", None))
+
+    def _flush(self):
+        if self.events:
+            events, self.events = self.events, []
+            self.publish(events)

@@ -1,0 +1,137 @@
+"""The batching engine on its own (no HTTP): batched answers equal one-at-a-time answers."""
+import threading
+import time
+
+import pytest
+import torch
+
+from collate import image_to_tensor
+from engine import Engine, Job, QueueFull
+from model import VLM
+from scenes import make_scene, render
+from tests.conftest import tiny_config
+
+
+def prompt(tok, model, text, with_image=True):
+    ids, _ = tok.encode_chat([{"role": "user", "content": text}], model.cfg.image_tokens,
+                             int(with_image), add_generation_prompt=True)
+    return ids
+
+
+def image(model, i):
+    objs, rng = make_scene(0, "test", i)
+    return image_to_tensor(render(objs, rng, model.cfg.vit_image_size), model.cfg)[None]
+
+
+def reference(model, ids, pixels, n, stop):
+    """model.generate on a single prompt, cut at the first stop token."""
+    out = []
+    for col in model.generate(torch.tensor([ids]), pixels, max_new_tokens=n, stop_ids=stop):
+        t = int(col[0])
+        if t in stop:
+            break
+        out.append(t)
+    return out
+
+
+class Collect:
+    """publish() target: records events, wakes waiters when jobs finish."""
+
+    def __init__(self):
+        self.events, self.done = [], threading.Event()
+        self.cv = threading.Condition()
+
+    def __call__(self, events):
+        with self.cv:
+            self.events += events
+            self.cv.notify_all()
+
+    def wait(self, jobs, timeout=30):
+        end = time.monotonic() + timeout
+        with self.cv:
+            while not all(j.finish_reason for j in jobs):
+                assert self.cv.wait(end - time.monotonic()), "jobs did not finish"
+
+
+@pytest.fixture
+def model(tok):
+    torch.manual_seed(0)
+    return VLM(tiny_config(tok)).eval()
+
+
+def test_batched_equals_one_at_a_time(model, tok):
+    """Mixed prompt lengths, with and without images, different max_new_tokens, arriving at
+    different moments (so rows join a running batch): every answer matches generate() alone."""
+    stop = {tok.eos_id, tok.user_id}
+    specs = [("描述这张图片", True, 30), ("图里有几个形状？", True, 5), ("hello there, what is this", False, 40),
+             ("红色", True, 1), ("一个很长的问题，" * 6, True, 25), ("左上角是什么颜色", True, 18)]
+    jobs_in = [(prompt(tok, model, text, img), image(model, i) if img else None, n)
+               for i, (text, img, n) in enumerate(specs)]
+    expected = [reference(model, ids, px, n, stop) for ids, px, n in jobs_in]
+    sink = Collect()
+    engine = Engine(model, stop, max_batch=4, max_queue=8, publish=sink).start()
+    try:
+        jobs = []
+        for k, (ids, px, n) in enumerate(jobs_in):
+            jobs.append(Job(ids, px, max_new_tokens=n, stream=True))
+            engine.submit(jobs[-1])
+            time.sleep(0.01 * (k % 3))               # some arrive while others are mid-answer
+        sink.wait(jobs)
+    finally:
+        engine.close()
+    for job, want, (_, _, n) in zip(jobs, expected, jobs_in):
+        assert job.tokens == want
+        assert job.finish_reason == ("length" if len(want) == n else "stop")
+        streamed = [v for j, kind, v in sink.events if j is job and kind == "token"]
+        assert streamed == job.tokens
+    stats = engine.snapshot()
+    assert stats["completed"] == len(specs)
+    assert stats["mean_batch"] > 1.0                   # rows really shared decode steps
+
+
+def test_sampling_is_reproducible_per_seed(model, tok):
+    ids = prompt(tok, model, "描述这张图片")
+    sink = Collect()
+    engine = Engine(model, {tok.eos_id}, publish=sink).start()
+    try:
+        jobs = [Job(ids, image(model, 0), max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.9, seed=s)
+                for s in (7, 7, 8)]
+        for j in jobs:
+            engine.submit(j)
+        sink.wait(jobs)
+    finally:
+        engine.close()
+    assert jobs[0].tokens == jobs[1].tokens
+    assert jobs[0].tokens != jobs[2].tokens
+
+
+def test_queue_limit_cancel_and_time_limit(model, tok):
+    """Past max_batch + max_queue, submit() refuses; a cancelled job leaves the batch at once;
+    a job past its time limit ends with finish_reason time_limit."""
+    with torch.no_grad():                              # never stop on EOS: long answers on demand
+        model.lm.embed.weight[tok.eos_id] = 0
+    ids = prompt(tok, model, "描述这张图片", with_image=False)
+    sink = Collect()
+    engine = Engine(model, {tok.eos_id}, max_batch=2, max_queue=1, publish=sink)
+    long = [Job(ids, max_new_tokens=200) for _ in range(3)]
+    for j in long:                                     # engine not started yet: all three wait
+        engine.submit(j)
+    with pytest.raises(QueueFull):
+        engine.submit(Job(ids, max_new_tokens=5))
+    slow = Job(ids, max_new_tokens=200, timeout=0.0)   # already expired when admitted
+    long[2].cancel()
+    engine.start()
+    try:
+        sink.wait(long[2:])
+        assert long[2].finish_reason == "cancelled" and long[2].tokens == []
+        long[0].cancel()
+        sink.wait(long[:2])
+        assert long[0].finish_reason == "cancelled" and len(long[0].tokens) < 200
+        assert long[1].finish_reason == "length" and len(long[1].tokens) == 200
+        engine.submit(slow)
+        sink.wait([slow])
+        assert slow.finish_reason in ("queue_timeout", "time_limit")
+    finally:
+        engine.close()
+    stats = engine.snapshot()
+    assert stats["rejected"] == 1 and stats["cancelled"] == 2 and stats["active"] == 0
