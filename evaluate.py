@@ -5,6 +5,12 @@ Synthetic scenes (the demo's test split, never trained on):
 prints exact-match caption accuracy (the set of (position, colour, shape) named equals the
 truth), per-attribute accuracy, Q&A accuracy, for seen combinations and for held-out
 (colour, shape) combinations separately.
+
+Real captioned images (a local folder or a Hugging Face data set, as train_vision_real.py reads them):
+    python evaluate.py --checkpoint checkpoints/vision_trained_model.pt --data-path data/vision_train
+    python evaluate.py --checkpoint ... --dataset-name nlphuji/flickr30k --split test --count 500
+prints BLEU-4 and CIDEr-D of greedy captions against all references (character tokens for
+Chinese, words for English) and a few examples.
 """
 from __future__ import annotations
 
@@ -98,6 +104,43 @@ def evaluate_scenes(model, tokenizer, count=200, split="test", seed=0, lang="zh"
     return result
 
 
+def evaluate_captions(model, tokenizer, items, prompt, batch_size=32, max_new_tokens=48, examples=3):
+    """items: [(PIL image, [reference captions])] -> {"bleu4", "cider", "tokenisation", "items",
+    "examples"} for greedy captions answering `prompt`."""
+    from metrics import caption_scores
+    preds = generate_texts(model, tokenizer, [{"image": im, "messages": [{"role": "user", "content": prompt}]}
+                                              for im, _ in items], max_new_tokens=max_new_tokens, batch_size=batch_size)
+    result = caption_scores([refs for _, refs in items], preds)
+    result["examples"] = [{"prediction": p, "references": refs[:3]} for p, (_, refs) in zip(preds[:examples], items)]
+    return result
+
+
+def print_caption_scores(r, prefix=""):
+    from metrics import TOKENISATION_ZH
+    print(f"{prefix}BLEU-4: {r['bleu4']:.4f}  CIDEr-D: {r['cider']:.4f}"
+          f"（{r['items']} 张图，{TOKENISATION_ZH[r['tokenisation']]}）", flush=True)
+    for ex in r["examples"]:
+        print(f"  生成: {ex['prediction']}  |  参考: {' / '.join(ex['references'])}", flush=True)
+
+
+def evaluate_real(a, model, tok):
+    import captions
+    size = model.cfg.vit_image_size
+    if a.data_path:
+        rows = captions.load_local(a.data_path)
+    else:
+        rows, _ = captions.load_hf(a.dataset_name, a.split, a.image_column, a.caption_column)
+    data = captions.check_images(captions.CaptionSet(rows, size), max_bad_ratio=1.0)
+    if not len(data):
+        raise UserError("没有可用于评估的图片。")
+    n = min(a.count, len(data))
+    items = [(data.image(k), data.references(k)) for k in range(n)]
+    lang = captions.caption_language(c for _, refs in items for c in refs)
+    result = evaluate_captions(model, tok, items, captions.PROMPT_ZH if lang == "zh" else captions.PROMPT_EN)
+    print_caption_scores(result)
+    return result
+
+
 def print_table(results):
     rows = [("精确匹配（描述完全正确）", "caption_exact"), ("形状数量", "count"), ("位置", "position"),
             ("颜色", "colour"), ("形状", "shape"), ("问答总体", "qa"), ("  问数量", "qa_count"),
@@ -121,9 +164,23 @@ def main(argv=None):
     p.add_argument("--lang", default=None, choices=["zh", "en"], help="描述语言（默认取训练时的设置）")
     p.add_argument("--device", default="auto", help="设备：auto / cpu / cuda（默认 auto）")
     p.add_argument("--json", help="把结果另存为 JSON 文件")
+    real = p.add_argument_group("真实图片评估（BLEU-4 / CIDEr-D）")
+    real.add_argument("--data-path", help="本地数据文件夹（images/ + captions.json 或 metadata.jsonl）")
+    real.add_argument("--dataset-name", help="Hugging Face 数据集名或本地副本路径")
+    real.add_argument("--split", default="test", help="数据集划分（默认 test）")
+    real.add_argument("--image-column", help="图片列名（默认自动识别）")
+    real.add_argument("--caption-column", help="描述列名，多个用逗号分隔（默认自动识别）")
+    real.add_argument("--count", type=int, default=200, help="评估的图片数（默认 200）")
     a = p.parse_args(argv)
-    if a.scenes <= 0:
-        raise UserError("--scenes 必须是正整数。")
+    if a.scenes <= 0 or a.count <= 0:
+        raise UserError("--scenes 和 --count 必须是正整数。")
+    if a.data_path or a.dataset_name:
+        model, tok, _ = load_checkpoint(a.checkpoint, resolve_device(a.device))
+        result = evaluate_real(a, model, tok)
+        if a.json:
+            with open(a.json, "w", encoding="utf-8") as f:
+                json.dump(result, f, ensure_ascii=False, indent=1)
+        return
     model, tok, meta = load_checkpoint(a.checkpoint, resolve_device(a.device))
     lang = a.lang or meta.get("lang", "zh")
     t = time.time()

@@ -1,0 +1,202 @@
+"""Train on real captioned images: local folders and Hugging Face data sets, mixed if you like.
+
+    python train_vision_real.py --data-source local --data-path data/vision_train --batch-size 4 --epochs 20
+    python train_vision_real.py --data-source huggingface --dataset-name nlphuji/flickr30k --batch-size 8 --epochs 10 --lr 1e-4
+Each epoch prints the validation loss, BLEU-4 and CIDEr-D on a validation subset and a few
+generated captions beside their references. The data side lives in captions.py, the loop in
+trainer.py, the metrics in metrics.py; this file only parses flags and wires them together.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import captions
+from checkpoint import load_checkpoint
+from collate import Collator
+from errors import UserError, cli
+from evaluate import evaluate_captions, print_caption_scores
+from model import PRESETS, VLM, VLMConfig, count_params
+from tokenizer import Tokenizer
+from trainer import Trainer, TrainingInterrupted, add_train_flags, config_from_args, default_workers, resolve_device
+
+DEFAULT_LOCAL = "data/vision_train"
+MAX_VAL_IMAGES = 1000                   # validation loss is measured on at most this many images
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="用真实图片训练视觉语言模型：本地图片文件夹或 Hugging Face 数据集（可混合多个）。")
+    p.add_argument("--data-source", choices=["local", "huggingface"],
+                   help="数据源: local 或 huggingface（同时给出 --data-path 和 --dataset-name 时混合使用）")
+    p.add_argument("--data-path", action="append", metavar="路径[:权重]",
+                   help=f"本地数据路径，可重复给出以混合多个文件夹 (local 默认: {DEFAULT_LOCAL})")
+    p.add_argument("--dataset-name", action="append", metavar="名称[:权重]",
+                   help="HuggingFace数据集名称或本地副本路径（save_to_disk 文件夹、parquet、webdataset .tar），可重复给出")
+    add_train_flags(p, batch_size=8, epochs=10, lr=1e-4)
+    d = p.add_argument_group("数据")
+    d.add_argument("--split", default="train", help="训练用的划分；有 split 列的数据集（如 Flickr30k）按列值筛选 (默认: train)")
+    d.add_argument("--image-column", help="图片列名 (默认: 自动识别)")
+    d.add_argument("--caption-column", help="描述列名，多个用逗号分隔 (默认: 自动识别)")
+    d.add_argument("--all-captions", action="store_true", help="每条描述各算一个样本（默认每轮每张图随机取一条描述）")
+    d.add_argument("--streaming", action="store_true", help="流式读取 Hugging Face 数据集，不整体下载")
+    d.add_argument("--shuffle-buffer", type=int, default=1000, help="流式读取的打乱缓冲区大小 (默认: 1000)")
+    d.add_argument("--steps-per-epoch", type=int, default=1000, help="流式读取时每轮的批次数 (默认: 1000)")
+    d.add_argument("--val-ratio", type=float, default=0.05,
+                   help="数据集没有验证划分时留作验证的比例 (默认: 0.05)")
+    d.add_argument("--eval-size", type=int, default=100,
+                   help="每轮计算 BLEU-4 / CIDEr-D 的验证图片数，0 表示不算 (默认: 100)")
+    d.add_argument("--select-by", choices=["loss", "cider"], default="loss",
+                   help="按验证损失或 CIDEr-D 保存最佳模型 (默认: loss)")
+    d.add_argument("--max-bad-ratio", type=float, default=0.05,
+                   help="坏图片（缺失、损坏、截断）超过这个比例就不开始训练 (默认: 0.05)")
+    d.add_argument("--max-pixels", type=int, default=captions.MAX_PIXELS,
+                   help=f"单张图片的像素上限，超过的不解码直接跳过 (默认: {captions.MAX_PIXELS})")
+    m = p.add_argument_group("模型（不给 --checkpoint 时从头训练）")
+    m.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="模型大小 (默认: tiny，适合 CPU)")
+    m.add_argument("--vocab-size", type=int, default=4096, help="从头训练时分词器的词表大小 (默认: 4096)")
+    return p
+
+
+def build_model(a, texts):
+    """(model, tokenizer, meta). --checkpoint continues our own .pt with its tokenizer;
+    otherwise a BPE tokenizer is trained on the captions and prompts and a preset is built."""
+    if a.checkpoint:
+        model, tok, meta = load_checkpoint(a.checkpoint)
+        return model.train(), tok, {"base": a.checkpoint, "preset": meta.get("preset")}
+    tok = Tokenizer.train(list(texts) + captions.PROMPTS * 10, vocab_size=a.vocab_size)
+    cfg = VLMConfig(**PRESETS[a.preset])
+    cfg.lm_vocab_size = -(-tok.vocab_size // 64) * 64
+    cfg.image_token_id, cfg.pad_token_id = tok.image_id, tok.pad_id
+    cfg.bos_token_id, cfg.eos_token_id = tok.bos_id, tok.eos_id
+    return VLM(cfg), tok, {"preset": a.preset}
+
+
+def sources(a):
+    """[(kind, name, weight)] from --data-source / --data-path / --dataset-name."""
+    paths = a.data_path or ([DEFAULT_LOCAL] if a.data_source == "local" else [])
+    names = a.dataset_name or []
+    if a.data_source == "huggingface" and not names:
+        raise UserError("--data-source huggingface 需要 --dataset-name（例如 nlphuji/flickr30k）。")
+    if not paths and not names:
+        raise UserError("请指定训练数据：--data-source local --data-path 文件夹，或 --data-source huggingface "
+                        "--dataset-name 数据集名。")
+    if a.streaming and not names:
+        raise UserError("--streaming 只用于 Hugging Face 数据集（--dataset-name）。")
+    return ([("local",) + captions.parse_source(s) for s in paths] +
+            [("huggingface",) + captions.parse_source(s) for s in names])
+
+
+def check_flags(a):
+    checks = [(0 <= a.val_ratio < 1, "--val-ratio 必须在 [0, 1) 之间"), (a.eval_size >= 0, "--eval-size 不能为负数"),
+              (0 <= a.max_bad_ratio <= 1, "--max-bad-ratio 必须在 [0, 1] 之间"),
+              (a.max_pixels > 0, "--max-pixels 必须是正整数"), (a.steps_per_epoch >= 1, "--steps-per-epoch 必须是正整数"),
+              (a.vocab_size >= 300, "--vocab-size 至少为 300"),
+              (a.select_by != "cider" or a.eval_size > 0, "--select-by cider 需要 --eval-size 大于 0")]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg + "。")
+
+
+def load_rows(a, kind, name):
+    """(train Rows or a stream, validation Rows or None) of one source."""
+    if kind == "local":
+        return captions.load_local(name), None
+    if not a.streaming:
+        return captions.load_hf(name, a.split, a.image_column, a.caption_column)
+    loaded = (captions.open_hub(name, True) if captions.is_hub_id(name) else captions.open_local_hf(name, True))
+    train, val = captions.pick_split(loaded, name, a.split)
+    val_rows = captions.stream_head(val, name, MAX_VAL_IMAGES, a.image_column, a.caption_column) if val is not None else None
+    if val_rows is None:                 # no validation split: hold out the stream's first rows
+        n = max(1, a.eval_size)
+        val_rows = captions.stream_head(train, name, n, a.image_column, a.caption_column)
+        train = train.skip(n)
+    return train, val_rows
+
+
+@cli
+def main(argv=None):
+    a = build_parser().parse_args(argv)
+    cfg = config_from_args(a)
+    cfg.validate()
+    check_flags(a)
+    resolve_device(a.device)
+    loaded = [(kind, name, w, *load_rows(a, kind, name)) for kind, name, w in sources(a)]
+    texts = []
+    for kind, name, w, train, val in loaded:
+        if isinstance(train, captions.Rows):
+            texts += [c for caps in train.captions for c in caps]
+        else:
+            head = captions.stream_head(train, name, 2000, a.image_column, a.caption_column)
+            texts += [c for caps in head.captions for c in caps] if head else []
+        texts += [c for caps in val.captions for c in caps] if val else []
+    if not texts:
+        raise UserError("训练数据里没有任何描述文字。")
+    model, tok, meta = build_model(a, texts)
+    size = model.cfg.vit_image_size
+    print(f"模型参数: 视觉编码器 {count_params(model.vision) / 1e6:.2f}M, 投影层 {count_params(model.projector) / 1e6:.2f}M, "
+          f"语言模型 {count_params(model.lm) / 1e6:.2f}M；图片 {size}×{size}，每张 {model.cfg.image_tokens} 个图像 token")
+
+    workers = default_workers() if a.workers < 0 else a.workers
+    train_parts, weights, val_parts = [], [], []
+    for kind, name, w, train, val in loaded:
+        if not isinstance(train, captions.Rows):
+            train_parts.append(captions.StreamCaptions(
+                train, name, a.steps_per_epoch * a.batch_size, size, a.image_column, a.caption_column, a.seed,
+                a.shuffle_buffer, a.max_pixels, a.max_bad_ratio))
+        else:
+            full = captions.check_images(captions.CaptionSet(train, size, a.seed, a.all_captions, a.max_pixels),
+                                         a.max_bad_ratio, workers)
+            if val is None:
+                keep, held = captions.holdout(len(full.images), a.val_ratio, a.seed)
+                train_parts.append(full.subset(keep))
+                val_set = full.subset(held) if held else None
+            else:
+                train_parts.append(full)
+                val_set = captions.CaptionSet(val, size, a.seed, False, a.max_pixels)
+            val = val_set
+        weights.append(w)
+        if val is not None and not isinstance(val, captions.CaptionSet):
+            val = captions.CaptionSet(val, size, a.seed, False, a.max_pixels)
+        if val is not None and len(val):
+            val = captions.check_images(val, 1.0, workers)
+            val_parts.append(val.subset(range(min(len(val.images), MAX_VAL_IMAGES))))
+    train_data = captions.Mixture(train_parts, weights, a.seed)
+    val_data = captions.Mixture(val_parts, seed=a.seed) if val_parts else None
+    print(f"训练样本 {len(train_data)} 条/轮" + (f"，验证图片 {len(val_data)} 张" if val_data else "，没有验证集"), flush=True)
+
+    # caption metrics on a fixed validation subset, taken evenly from every source
+    eval_items = []
+    for r in range(a.eval_size):
+        for part in val_parts:
+            if r < len(part) and len(eval_items) < a.eval_size:
+                eval_items.append((part.image(r), part.references(r)))
+    lang = captions.caption_language(texts)
+    prompt = captions.PROMPT_ZH if lang == "zh" else captions.PROMPT_EN
+
+    def on_epoch_end(model, epoch):
+        if not eval_items:
+            return {}
+        r = evaluate_captions(model, tok, eval_items, prompt)
+        print_caption_scores(r, "验证集 ")
+        out = {"bleu4": round(r["bleu4"], 5), "cider": round(r["cider"], 5), "tokenisation": r["tokenisation"]}
+        if a.select_by == "cider":
+            out["score"] = -r["cider"]
+        return out
+
+    meta = {**meta, "lang": lang, "data": [name for _, name, *_ in loaded], "select_by": a.select_by}
+    trainer = Trainer(model, tok, train_data, Collator(tok, model.cfg), cfg, val_data=val_data,
+                      on_epoch_end=on_epoch_end, meta=meta)
+    try:
+        trainer.fit()
+    except TrainingInterrupted as e:
+        print(f"\n训练已暂停，断点已保存到 {e}。加上 --resume 重新运行同一条命令即可继续。", file=sys.stderr)
+        sys.exit(130)
+    bad = sum(getattr(p, "runtime_bad", 0) + getattr(p, "bad", 0) for p in train_parts)
+    if bad:
+        print(f"训练中共跳过 {bad} 张无法读取的图片。")
+    print(f"训练完成，模型已保存到 {a.output}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
