@@ -90,7 +90,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode.startswith("I") or im.mode == "F":             # 16/32-bit grayscale: scale, don't clip
         a = np.asarray(im, dtype=np.float64)
         a = a / 257.0 if a.max() > 255 else a
-        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         bg = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -196,6 +196,7 @@ class CaptionSet(torch.utils.data.Dataset):
         self.index = ([(i, c) for i in self.images for c in range(len(rows.captions[i]))] if all_captions
                       else [(i, None) for i in self.images])
         self.runtime_bad = 0
+        self.bad = []                 # (name, reason) found by check_images
 
     def __len__(self):
         return len(self.index)
@@ -265,7 +266,9 @@ def check_images(data: CaptionSet, max_bad_ratio: float, workers: int = 0) -> Ca
                             f"{max_bad_ratio:.0%}），训练未开始：{named}。请修复或删除这些文件，或调高 --max-bad-ratio。")
         log(f"{rows.name}：跳过 {len(bad)}/{total} 张无法使用的图片（{share:.1%}）：{named}")
     good = {i for i, err in zip(data.images, results) if not err}
-    return data.subset([p for p, i in enumerate(data.images) if i in good])
+    kept = data.subset([p for p, i in enumerate(data.images) if i in good])
+    kept.bad = bad
+    return kept
 
 
 def _try_load(data: CaptionSet, i: int):
