@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,9 +39,11 @@ DEFAULT_MEAN_STD = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0
 # ----------------------------------------------------------------------------- loading
 
 def quiet_transformers():
+    """Users see our messages, not library progress bars and deprecation notices."""
     from transformers.utils import logging
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers|peft")
 
 
 def hub_error(what: str, source: str, err: Exception) -> UserError:
@@ -409,3 +412,58 @@ def restore_weights(model: VLM, obj: dict, path="检查点"):
         sources = ", ".join(e["source"] for e in (entry["vision"], entry["lm"]) if e)
         raise UserError(f"{path} 只存了训练改动的部分，但它引用的基础模型（{sources}）的权重和训练时不一样。"
                         f"请换回训练时用的基础模型。")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def add_flags(p):
+    """Flags for the training scripts (see docs/models.md)."""
+    g = p.add_argument_group("预训练骨干（详见 docs/models.md）")
+    g.add_argument("--vision-encoder", metavar="HUB_ID或文件夹",
+                   help="用 Hugging Face 的 CLIP / SigLIP / SigLIP2 视觉塔（如 openai/clip-vit-base-patch16）代替内置 ViT")
+    g.add_argument("--vision-layer", type=int, default=-2,
+                   help="取视觉塔哪一层的输出作为图像特征 (默认: -2，倒数第二层，同 LLaVA)")
+    g.add_argument("--train", choices=TRAIN_CHOICES,
+                   help="训练哪些部分：projector 只训投影层 / vision+projector 视觉编码器+投影层，语言模型冻结 / "
+                        "lora 再加语言模型上的 LoRA / all 全部 (默认: --checkpoint 是 Hugging Face 语言模型时 "
+                        "vision+projector，否则 all)")
+    g.add_argument("--lora-r", type=int, default=16, help="LoRA 的秩 r，alpha 取 2r (默认: 16)")
+    g.add_argument("--projector-lr", type=float, help="投影层学习率 (默认: 同 --lr)")
+    g.add_argument("--backbone-lr", type=float, help="预训练骨干（视觉塔、语言模型、LoRA）的学习率 (默认: --lr 的 1/10)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="对预训练骨干开启梯度检查点：省显存，约慢 30%%")
+    s = g.add_mutually_exclusive_group()
+    s.add_argument("--save-delta", dest="save", action="store_const", const="delta",
+                   help="检查点只存训练改动的部分 + 基础模型的引用（用了 Hugging Face 骨干时的默认）")
+    s.add_argument("--save-full", dest="save", action="store_const", const="full",
+                   help="检查点存全部权重，不再依赖基础模型文件夹")
+
+
+def build(a, default_build):
+    """(model, tokenizer, meta) for a training script. default_build() is the script's own choice
+    (our .pt from --checkpoint, or a new model); backbone flags change it:
+      --checkpoint an HF causal LM (folder / hub id) -> that LLM, its tokenizer and template;
+      --vision-encoder -> that tower instead of the built-in ViT (with a new projector)."""
+    hf_lm = is_hf_lm(a.checkpoint)
+    if hf_lm:
+        from model import PRESETS
+        model, tok = build_vlm(a.vision_encoder, a.checkpoint, a.vision_layer,
+                               scratch_cfg=VLMConfig(**PRESETS[getattr(a, "preset", "tiny")]))
+        meta = {"base": a.checkpoint}
+    else:
+        model, tok, meta = default_build()
+        same = isinstance(model.vision, HFVisionTower) and model.vision.source == a.vision_encoder
+        if a.vision_encoder and not same:
+            model, tok = build_vlm(a.vision_encoder, None, a.vision_layer, base=(model, tok))
+    train = a.train or ("vision+projector" if hf_lm else "all")
+    configure_training(model, train, a.lr, a.projector_lr, a.backbone_lr, a.lora_r, a.gradient_checkpointing)
+    uses_hf = bool(hf_parts(model))
+    weights = a.save or ("delta" if uses_hf else "full")
+    if weights == "delta" and not uses_hf:
+        raise UserError("--save-delta 只适用于 Hugging Face 骨干（--vision-encoder 或 Hugging Face 语言模型）；"
+                        "内置模型的检查点总是完整保存。")
+    print(trainable_summary(model) + f"；训练方式 {train}，检查点{'只存改动部分' if weights == 'delta' else '存全部权重'}")
+    meta = {**meta, "train": train, "weights": weights}
+    if a.vision_encoder:
+        meta["vision_encoder"] = a.vision_encoder
+    return model, tok, meta

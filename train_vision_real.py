@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import backbones
 import captions
 from checkpoint import load_checkpoint
 from collate import Collator
@@ -55,6 +56,7 @@ def build_parser():
     m = p.add_argument_group("模型（不给 --checkpoint 时从头训练）")
     m.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="模型大小 (默认: tiny，适合 CPU)")
     m.add_argument("--vocab-size", type=int, default=4096, help="从头训练时分词器的词表大小 (默认: 4096)")
+    backbones.add_flags(p)
     return p
 
 
@@ -132,7 +134,7 @@ def main(argv=None):
         texts += [c for caps in val.captions for c in caps] if val else []
     if not texts:
         raise UserError("训练数据里没有任何描述文字。")
-    model, tok, meta = build_model(a, texts)
+    model, tok, meta = backbones.build(a, lambda: build_model(a, texts))   # --vision-encoder, HF LLMs, --train
     size = model.cfg.vit_image_size
     print(f"模型参数: 视觉编码器 {count_params(model.vision) / 1e6:.2f}M, 投影层 {count_params(model.projector) / 1e6:.2f}M, "
           f"语言模型 {count_params(model.lm) / 1e6:.2f}M；图片 {size}×{size}，每张 {model.cfg.image_tokens} 个图像 token")
