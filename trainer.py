@@ -228,11 +228,11 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
     def loss(self, batch):
+        """(loss to optimise, the language-model loss that is shown and logged)."""
         with self.autocast():
-            loss, _ = self.model(batch["input_ids"], batch["pixels"], batch["labels"])
-            if self.aux is not None:
-                loss = loss + self.cfg.aux_weight * self.aux(batch)
-        return loss
+            lm_loss, _ = self.model(batch["input_ids"], batch["pixels"], batch["labels"])
+            loss = lm_loss if self.aux is None else lm_loss + self.cfg.aux_weight * self.aux(batch)
+        return loss, lm_loss
 
     def optimizer_step(self) -> bool:
         """Clip, step, schedule. A non-finite gradient skips the step (counted); too many in a
@@ -336,9 +336,9 @@ class Trainer:
             running, seen, t0, samples = 0.0, 0, time.time(), 0
             for i, batch in enumerate(self.loader(self.train_data, epoch, start), start):
                 batch = self.to_device(batch)
-                loss = self.loss(batch)
+                loss, lm_loss = self.loss(batch)
                 self.scaler.scale(loss / cfg.accum).backward()
-                value = loss.detach().item()
+                value = lm_loss.detach().item()
                 running += value
                 seen += 1
                 samples += len(batch["input_ids"])
