@@ -500,8 +500,9 @@ def pick_split(loaded, name: str, split: str):
     if "split" in features and getattr(features["split"], "dtype", None) == "string":
         if isinstance(base, datasets.IterableDataset):
             log(f"{name}：按 split 列筛选 {split!r} 行作为训练数据。")
-            return (base.filter(lambda r: r["split"] == split),
-                    base.filter(lambda r: r["split"] in VAL_SPLITS))
+            base = undecoded(base)
+            return (base.filter(lambda v: v == split, input_columns=["split"]),
+                    base.filter(lambda v: v in VAL_SPLITS, input_columns=["split"]))
         values = base.select_columns(["split"]).to_dict()["split"]
         found = sorted(set(values))
         if split not in found:
@@ -514,6 +515,16 @@ def pick_split(loaded, name: str, split: str):
         raise UserError(f"数据集 {name} 没有划分 {split!r}（有：{', '.join(splits)}），请用 --split 指定。")
     val = next((splits[v] for v in VAL_SPLITS if v in splits and v != split), None)
     return base, val
+
+
+def undecoded(ds):
+    """The same data set with every Image column left as bytes: decoding is ours, so that a
+    corrupt image is a skipped row and not the end of the stream."""
+    from datasets import Image as HFImage
+    for col, f in (ds.features or {}).items():
+        if isinstance(f, HFImage) and f.decode:
+            ds = ds.cast_column(col, HFImage(decode=False))
+    return ds
 
 
 def rows_from_table(ds, name: str, image_column=None, caption_column=None, root=None) -> Rows:

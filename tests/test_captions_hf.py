@@ -1,0 +1,181 @@
+"""Hugging Face data sets, built here (never downloaded): Flickr30k's exact schema as parquet and
+as save_to_disk, caption_0..4 with real splits, `sentences` with `raw`, a webdataset shard, a
+path column, URL-only data, the hub id path (parquet conversion) and offline behaviour."""
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+from datasets import Dataset, DatasetDict, Image as HFImage
+
+import captions
+from captions import CaptionSet, StreamCaptions, check_images, load_hf
+from errors import UserError
+from test_captions import encode, photo
+
+ROOT = Path(__file__).resolve().parent.parent
+CORRUPT = b"\xff\xd8\xff\xe0 definitely not a jpeg"
+
+
+def flickr_table(n_train=8, n_val=3, n_test=2, corrupt_row=None) -> Dataset:
+    """Flickr30k's columns and types: image (Image), caption (5 str), sentids (5 str), split,
+    img_id, filename; one table whose `split` column holds train/val/test."""
+    splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
+    rows = {"image": [], "caption": [], "sentids": [], "split": splits, "img_id": [], "filename": []}
+    for i, s in enumerate(splits):
+        data = CORRUPT if i == corrupt_row else encode(photo((60, 45), seed=i))
+        rows["image"].append({"bytes": data, "path": f"{1000 + i}.jpg"})
+        rows["caption"].append([f"A {s} photo number {i} view {k}." for k in range(5)])
+        rows["sentids"].append([str(i * 5 + k) for k in range(5)])
+        rows["img_id"].append(str(i))
+        rows["filename"].append(f"{1000 + i}.jpg")
+    return Dataset.from_dict(rows).cast_column("image", HFImage())
+
+
+def flickr_parquet(root: Path, **kw) -> Path:
+    """As the hub's parquet conversion lays it out: one split named test."""
+    root.mkdir(parents=True, exist_ok=True)
+    flickr_table(**kw).to_parquet(str(root / "test-00000-of-00001.parquet"))
+    return root
+
+
+def flickr_disk(root: Path, **kw) -> Path:
+    DatasetDict({"test": flickr_table(**kw)}).save_to_disk(str(root))
+    return root
+
+
+def fake_hub(monkeypatch, copies: dict, calls: list):
+    """datasets.load_dataset for hub ids is answered from local copies; everything else is real.
+    Scripted ids refuse revision None exactly as datasets >= 4 does."""
+    real = datasets.load_dataset
+
+    def load_dataset(path, *args, revision=None, **kw):
+        if path not in copies:
+            return real(path, *args, revision=revision, **kw)
+        calls.append((path, revision))
+        local, scripted = copies[path]
+        if scripted and revision != "refs/convert/parquet":
+            raise RuntimeError(f"Dataset scripts are no longer supported, but found {path.split('/')[-1]}.py")
+        return real(str(local), *args, **kw)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(captions, "hub_reachable", lambda timeout=3.0: True)
+
+
+@pytest.mark.parametrize("layout", ["parquet", "save_to_disk"])
+def test_flickr30k_schema_filters_the_split_column(tmp_path, layout, capsys):
+    make = flickr_parquet if layout == "parquet" else flickr_disk
+    path = make(tmp_path / "flickr", corrupt_row=2)
+    train, val = load_hf(str(path), "train")
+    assert len(train.refs) == 8 and len(val.refs) == 3
+    assert all(len(c) == 5 for c in train.captions) and "train photo number 0" in train.captions[0][0]
+    assert all("val photo" in c[0] for c in val.captions)
+    data = check_images(CaptionSet(train, 16), max_bad_ratio=0.2)
+    assert len(data) == 7 and data.bad == [(f"{path}#2", "不是可识别的图片")]
+    assert "按 split 列筛选" in capsys.readouterr().err
+    test, _ = load_hf(str(path), "test")
+    assert len(test.refs) == 2 and "test photo" in test.captions[0][0]
+    with pytest.raises(UserError, match="split 列里没有 'dev'.*test, train, val"):
+        load_hf(str(path), "dev")
+
+
+def test_hub_id_uses_the_parquet_conversion_and_says_so(tmp_path, monkeypatch, capsys):
+    calls = []
+    fake_hub(monkeypatch, {"nlphuji/flickr30k": (flickr_parquet(tmp_path / "f"), True),
+                           "someone/scripted": (flickr_parquet(tmp_path / "s"), True)}, calls)
+    train, val = load_hf("nlphuji/flickr30k", "train")
+    assert calls == [("nlphuji/flickr30k", "refs/convert/parquet")] and len(train.refs) == 8 and len(val.refs) == 3
+    assert "Parquet 转换版本（revision=refs/convert/parquet）" in capsys.readouterr().err
+    train, _ = load_hf("someone/scripted", "train")        # unknown script data set: retried, said
+    assert calls[1:] == [("someone/scripted", None), ("someone/scripted", "refs/convert/parquet")]
+    assert len(train.refs) == 8 and "脚本式数据集" in capsys.readouterr().err
+
+
+def test_caption_columns_grouped_and_real_validation_split(tmp_path):
+    root = tmp_path / "f8k"
+    root.mkdir()
+    for split, n in (("train", 6), ("validation", 2), ("test", 2)):
+        Dataset.from_dict({"image": [{"bytes": encode(photo(seed=i)), "path": None} for i in range(n)],
+                           **{f"caption_{k}": [f"{split} {i} c{k}" for i in range(n)] for k in range(5)}}
+                          ).cast_column("image", HFImage()).to_parquet(str(root / f"{split}-00000-of-00001.parquet"))
+    train, val = load_hf(str(root), "train")
+    assert train.captions[0] == [f"train 0 c{k}" for k in range(5)] and len(train.refs) == 6
+    assert len(val.refs) == 2 and val.captions[1][4] == "validation 1 c4"
+    only, _ = load_hf(str(root), "train", caption_column="caption_2")
+    assert only.captions[3] == ["train 3 c2"]
+
+
+def test_sentences_with_raw_and_path_column_inside_the_folder(tmp_path, capsys):
+    root = tmp_path / "coco"
+    (root / "imgs").mkdir(parents=True)
+    for i in range(3):
+        (root / "imgs" / f"{i}.jpg").write_bytes(encode(photo(seed=i)))
+    (tmp_path / "secret.jpg").write_bytes(encode(photo()))
+    Dataset.from_dict({"file_name": ["imgs/0.jpg", "imgs/1.jpg", "imgs/2.jpg", "../secret.jpg"],
+                       "sentences": [[{"raw": f"Sentence {i} a.", "tokens": ["x"]}, {"raw": f"Sentence {i} b.", "tokens": []}]
+                                     for i in range(4)],
+                       "cocoid": [1, 2, 3, 4]}).to_parquet(str(root / "train.parquet"))
+    train, _ = load_hf(str(root / "train.parquet"), "train")
+    assert train.captions[1] == ["Sentence 1 a.", "Sentence 1 b."] and train.image_kind == "path"
+    data = check_images(CaptionSet(train, 16), max_bad_ratio=0.5)
+    assert len(data) == 3 and "数据文件夹之外" in data.bad[0][1]
+
+
+def test_url_only_data_set_explains_how_to_fetch_images(tmp_path):
+    path = tmp_path / "cc.parquet"
+    Dataset.from_dict({"image_url": ["http://example.com/a.jpg"], "caption": ["a"]}).to_parquet(str(path))
+    with pytest.raises(UserError, match="只有图片链接.*img2dataset.*webdataset"):
+        load_hf(str(path), "train")
+
+
+def webdataset_shard(path: Path, n=6, corrupt=(3,)):
+    with tarfile.open(path, "w") as tf:
+        for i in range(n):
+            for ext, data in (("jpg", CORRUPT if i in corrupt else encode(photo(seed=i))),
+                              ("txt", f"shard caption {i}".encode())):
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_webdataset_shard(tmp_path):
+    shard = webdataset_shard(tmp_path / "shard-000000.tar")
+    train, _ = load_hf(str(shard), "train")
+    data = check_images(CaptionSet(train, 16), max_bad_ratio=0.2)
+    assert len(data) == 5 and [r[0] for r in data.bad] == [f"{shard}#3"]
+    assert {data[(0, k)]["messages"][1]["content"] for k in range(5)} == {f"shard caption {i}" for i in (0, 1, 2, 4, 5)}
+
+
+def test_streaming_takes_rows_in_order_of_a_shuffled_stream_and_skips_bad_ones(tmp_path, capsys):
+    path = flickr_parquet(tmp_path / "f", n_train=10, n_val=0, n_test=0, corrupt_row=4)
+    stream = captions.open_local_hf(str(path), streaming=True)
+    train, _ = captions.pick_split(stream, str(path), "train")
+    s = StreamCaptions(train, "f", length=20, image_size=16, buffer=4, max_bad_ratio=0.5)
+    got = [s[(0, k)]["messages"][1]["content"] for k in range(20)]   # two passes of 9 good rows, and more
+    numbers = {int(c.split()[4]) for c in got}
+    assert numbers == set(range(10)) - {4} and s.bad >= 2 and "跳过" in capsys.readouterr().err
+    assert len(s) == 20
+
+
+def test_offline_hub_id_gives_one_chinese_line_quickly(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    t = time.time()
+    r = subprocess.run([sys.executable, "train_vision_real.py", "--data-source", "huggingface",
+                        "--dataset-name", "nlphuji/flickr30k", "--output", str(tmp_path / "m.pt")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [l for l in r.stderr.splitlines() if l.startswith("错误：")]
+    assert len(errors) == 1 and "无法连接 Hugging Face Hub" in errors[0] and "HF_ENDPOINT" in errors[0]
+    assert time.time() - t < 60
+
+
+def test_unreachable_hub_is_detected_by_one_probe_not_retries(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")        # nothing listens there
+    t = time.time()
+    assert captions.hub_reachable() is False and time.time() - t < 5
