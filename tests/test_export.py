@@ -1,0 +1,109 @@
+"""export_hf.py: the exported folder loads in transformers' LLaVA and computes what our model does."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import backbones
+import export_hf
+import tiny_hf
+from checkpoint import load_checkpoint, save_checkpoint
+from collate import Collator
+from model import VLM
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def export(checkpoint, out):
+    return subprocess.run([sys.executable, "export_hf.py", "--checkpoint", str(checkpoint), "--output", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def perturbed(model):
+    """Weights far from init (norms and biases too), so a wrong mapping shows."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+def builtin_model(tok):
+    torch.manual_seed(0)
+    return perturbed(VLM(tiny_config(tok))), tok
+
+
+def clip_llama_lora_model(tmp_path):
+    model, tok = backbones.build_vlm(str(tiny_hf.save_clip(tmp_path / "clip")), str(tiny_hf.save_llama(tmp_path / "llama")))
+    backbones.configure_training(model, "lora", 1e-3, lora_r=4)
+    with torch.no_grad():                          # trained adapters: merging them must matter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return model.eval(), tok
+
+
+def picture(size):
+    img = Image.new("RGB", (size, size), (200, 30, 30))
+    img.paste((10, 200, 10), (0, 0, size // 2, size // 2))
+    return img
+
+
+def compare(model, tok, llava, processor, prompt_text):
+    """Max |logit difference| on one image + prompt; asserts the processor and greedy decoding agree."""
+    img = picture(model.cfg.vit_image_size)
+    batch = Collator(tok, model.cfg, train=False)([{"image": img, "messages": [{"role": "user", "content": "描述这张图片。"}]}])
+    inputs = processor(images=img, text=prompt_text, return_tensors="pt")
+    assert inputs["input_ids"].tolist() == batch["input_ids"].tolist()          # same template, same <image> expansion
+    assert torch.allclose(inputs["pixel_values"], batch["pixels"], atol=1e-5)     # same preprocessing
+    with torch.no_grad():
+        ours = model(batch["input_ids"], batch["pixels"])[1]
+        theirs = llava(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
+    ours_tokens = [int(c[0]) for c in model.generate(batch["input_ids"], batch["pixels"], max_new_tokens=8)]
+    if tok.eos_id in ours_tokens:
+        ours_tokens = ours_tokens[:ours_tokens.index(tok.eos_id) + 1]
+    their_tokens = llava.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    assert their_tokens == ours_tokens and len(set(ours_tokens)) > 1
+    return (ours - theirs).abs().max().item()
+
+
+@pytest.mark.parametrize("kind", ["builtin", "clip+llama+lora"])
+def test_export_round_trip_matches_logits_and_greedy_tokens(kind, tok, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    model, t = builtin_model(tok) if kind == "builtin" else clip_llama_lora_model(tmp_path)
+    save_checkpoint(tmp_path / "m.pt", model, t, {"weights": "delta"} if kind != "builtin" else {})
+    r = export(tmp_path / "m.pt", tmp_path / "hf")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "LlavaForConditionalGeneration.from_pretrained" in r.stdout
+    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    model, t, _ = load_checkpoint(tmp_path / "m.pt")
+    if kind == "builtin":
+        text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "描述这张图片。"}]}],
+                                             add_generation_prompt=True)
+    else:
+        text = t.hf.apply_chat_template([{"role": "user", "content": "<image>描述这张图片。"}], tokenize=False,
+                                        add_generation_prompt=True)
+    assert compare(model, t, llava, processor, text) < 1e-4
+
+
+def test_siglip_qwen2_maps_to_the_full_feature_strategy(tmp_path):
+    model, tok = backbones.build_vlm(str(tiny_hf.save_siglip(tmp_path / "s")), str(tiny_hf.save_qwen2(tmp_path / "q")))
+    llava, processor = export_hf.to_llava(perturbed(model), tok)
+    assert llava.config.vision_feature_select_strategy == "full" and llava.config.vision_feature_layer == -2
+    text = tok.hf.apply_chat_template([{"role": "user", "content": "<image>描述这张图片。"}], tokenize=False,
+                                      add_generation_prompt=True)
+    assert compare(model, tok, llava.eval(), processor, text) < 1e-4
+
+
+def test_export_refuses_a_non_empty_output_folder(tok, tmp_path):
+    save_checkpoint(tmp_path / "m.pt", *builtin_model(tok))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("keep me")
+    r = export(tmp_path / "m.pt", tmp_path / "busy")
+    assert r.returncode == 2 and r.stderr.startswith("错误：") and "Traceback" not in r.stderr
+    assert (tmp_path / "busy" / "x").read_text() == "keep me"
