@@ -89,10 +89,11 @@ class RowCache:
 
 
 class Engine:
-    def __init__(self, model, stop_ids, max_batch=16, max_queue=64, publish=None):
+    def __init__(self, model, stop_ids, max_batch=16, max_queue=64, publish=None, banned=()):
         self.model, self.cfg = model, model.cfg
         self.device = next(model.parameters()).device
         self.stop_ids = set(int(i) for i in stop_ids)
+        self.banned = torch.tensor(sorted(banned), dtype=torch.long, device=self.device)  # never sampled
         self.max_batch, self.max_queue = max_batch, max_queue
         self.publish = publish or (lambda events: None)
         self.elastic = isinstance(model.lm, LanguageModel)
@@ -286,6 +287,8 @@ class Engine:
         self.key_mask = self.key_mask[:, first:]
 
     def _sample(self, logits, jobs) -> list[int]:
+        if len(self.banned):
+            logits[:, self.banned] = float("-inf")
         toks = logits.argmax(-1)
         for i, job in enumerate(jobs):
             if job is not None and job.temperature > 0:

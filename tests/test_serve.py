@@ -1,0 +1,328 @@
+"""serve.py as users reach it: a real uvicorn process on 127.0.0.1 (see serve_helpers.py)."""
+import base64
+import io
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+import httpx
+import pytest
+import torch
+from openai import OpenAI
+from PIL import Image
+
+from tests.serve_helpers import ROOT, free_port, scene_image, servers  # noqa: F401  (fixture)
+
+CJK = re.compile(r"[\u4e00-\u9fff]")
+# The user guide's line, character for character.
+GUIDE_CURL = '''curl -X POST http://localhost:8000/v1/generate-multipart \\
+  -F "image=@test_image.jpg" \\
+  -F "prompt=描述这张图片" \\
+  -F "max_new_tokens=100"'''
+
+
+def sse_events(text: str) -> list:
+    """Parsed `data:` payloads of an SSE body, [DONE] kept as the string."""
+    out = []
+    for block in text.split("\n\n"):
+        if block.startswith("data: "):
+            data = block[6:]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def data_url(data: bytes, mime="image/jpeg") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def health(base):
+    return httpx.get(base + "/health", timeout=10).json()
+
+
+def test_health_before_and_after_load(servers):
+    before = servers.before
+    assert before.status_code == 503 and before.headers["retry-after"]
+    assert before.json()["status"] == "loading" and before.json()["error"]["code"] == "loading"
+    assert servers.post_before.status_code == 503
+    assert servers.post_before.json()["error"]["code"] == "loading"
+    assert CJK.search(servers.post_before.json()["error"]["message"])
+    after = servers.after
+    assert after.status_code == 200 and after.json()["status"] == "ok"
+    assert after.json()["model"] == "tiny"                   # named after the file LLM_CHECKPOINT points to
+
+
+def test_guide_curl_line_verbatim(servers, tmp_path):
+    """The guide's command, unchanged. It names localhost:8000, which this test must not take
+    from whoever else runs a server there, so curl reaches the test server as its HTTP proxy
+    (serve.py accepts the absolute-form target a proxied request carries)."""
+    (tmp_path / "test_image.jpg").write_bytes(scene_image())
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "http_proxy", "all_proxy")}
+    env["http_proxy"] = servers.base
+    r = subprocess.run(["bash", "-c", GUIDE_CURL], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    body = json.loads(r.stdout)
+    assert body["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 100
+    assert len(body["text"]) > 0
+    assert body["timings"]["total_ms"] > 0 and body["timings"]["first_token_ms"] <= body["timings"]["total_ms"]
+
+
+def test_multipart_sampling_fields_and_stream(servers):
+    url = servers.base + "/v1/generate-multipart"
+    files = {"image": ("scene.png", scene_image(fmt="PNG"), "image/png")}
+    fields = {"prompt": "图里有什么？", "max_new_tokens": "24", "temperature": "0.9", "top_p": "0.95",
+              "top_k": "50", "seed": "7"}
+    a = httpx.post(url, files=files, data=fields, timeout=30).json()
+    b = httpx.post(url, files=files, data=fields, timeout=30).json()
+    c = httpx.post(url, files=files, data={**fields, "seed": "8"}, timeout=30).json()
+    assert a["text"] == b["text"] and a["text"] != c["text"]         # the seed decides the sample
+    assert a["usage"]["completion_tokens"] == 24
+    r = httpx.post(url, files=files, data={**fields, "stream": "true"}, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    final = events[-2]
+    pieces = [e["text"] for e in events[:-2]]
+    assert len(pieces) > 1 and "".join(pieces) == a["text"]         # streamed piece by piece, same answer
+    assert final["finish_reason"] == "length" and final["usage"] == a["usage"]
+
+
+def test_json_generate_with_base64_and_data_url(servers):
+    url = servers.base + "/v1/generate"
+    img = scene_image(2)
+    plain = httpx.post(url, json={"prompt": "描述这张图片", "image": base64.b64encode(img).decode(),
+                                  "max_new_tokens": 12}, timeout=30)
+    dataurl = httpx.post(url, json={"prompt": "描述这张图片", "image": data_url(img), "max_new_tokens": 12}, timeout=30)
+    assert plain.status_code == dataurl.status_code == 200
+    assert plain.json()["text"] == dataurl.json()["text"]
+    assert plain.json()["usage"]["prompt_tokens"] > 16                # the image's 16 tokens are in the prompt
+    no_image = httpx.post(url, json={"prompt": "你好", "max_new_tokens": 5}, timeout=30).json()
+    assert no_image["usage"]["prompt_tokens"] < 16
+    r = httpx.post(url, json={"prompt": "描述这张图片", "image": data_url(img), "max_new_tokens": 12, "stream": True},
+                   timeout=30)
+    events = sse_events(r.text)
+    assert "".join(e["text"] for e in events[:-2]) == plain.json()["text"]
+
+
+def test_openai_client_with_data_url_image(servers):
+    client = OpenAI(base_url=servers.base + "/v1", api_key="local", max_retries=0, timeout=30)
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "描述这张图片"},
+        {"type": "image_url", "image_url": {"url": data_url(scene_image(3, fmt="PNG"), "image/png")}}]}]
+    sampling = dict(max_tokens=16, temperature=1.0, seed=5)      # seeded: the same answer twice
+    done = client.chat.completions.create(model="tiny", messages=messages, **sampling)
+    assert done.object == "chat.completion"
+    assert done.choices[0].message.role == "assistant" and done.choices[0].finish_reason == "length"
+    assert done.usage.completion_tokens == 16 and done.usage.prompt_tokens > 16
+    stream = client.chat.completions.create(model="tiny", messages=messages, **sampling, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == done.choices[0].message.content
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 16
+    # multi-turn: history is rendered with the training template, so it lengthens the prompt
+    longer = client.chat.completions.create(model="tiny", max_tokens=4, messages=messages + [
+        {"role": "assistant", "content": done.choices[0].message.content},
+        {"role": "user", "content": "左上角是什么颜色？"}])
+    assert longer.usage.prompt_tokens > done.usage.prompt_tokens + 5
+
+
+# ----------------------------------------------------------------------------- errors
+
+def png_claiming(width, height) -> bytes:
+    """A small valid PNG whose header says width x height (CRC fixed): only decoding would notice."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def image_as(fmt, **kw) -> bytes:
+    buf = io.BytesIO()
+    frames = [Image.new("RGB", (16, 16), c) for c in ("red", "blue")]
+    frames[0].save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def noisy_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (128, 128), os.urandom(128 * 128 * 3)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def animated_gif() -> bytes:
+    buf = io.BytesIO()
+    a, b = Image.new("RGB", (16, 16), "red"), Image.new("RGB", (16, 16), "blue")
+    a.save(buf, format="GIF", save_all=True, append_images=[b], duration=100, loop=0)
+    return buf.getvalue()
+
+
+def multipart(image: bytes, **fields):
+    return dict(files={"image": ("x.bin", image, "application/octet-stream")},
+                data={"prompt": "描述这张图片", "max_new_tokens": "4", **fields})
+
+
+def chat(content, **extra):
+    return dict(json={"messages": [{"role": "user", "content": content}], "max_tokens": 4, **extra})
+
+
+ERRORS = [  # (id, method, path, request kwargs, status, code, param)
+    ("upload-over-20MB", "POST", "/v1/generate-multipart", lambda: multipart(os.urandom(21 * 2 ** 20)), 413, "body_too_large", None),
+    ("pixels-over-limit", "POST", "/v1/generate-multipart", lambda: multipart(png_claiming(20000, 20000)), 400, "image_pixels", "image"),
+    ("truncated-jpeg", "POST", "/v1/generate-multipart", lambda: multipart(noisy_jpeg()[:6000]), 400, "image_broken", "image"),
+    ("not-an-image", "POST", "/v1/generate-multipart", lambda: multipart(b"hello, I am text"), 400, "image_unreadable", "image"),
+    ("tiff", "POST", "/v1/generate-multipart", lambda: multipart(image_as("TIFF")), 415, "image_format", "image"),
+    ("animated-gif", "POST", "/v1/generate-multipart", lambda: multipart(animated_gif()), 415, "image_animated", "image"),
+    ("temperature-range", "POST", "/v1/generate-multipart", lambda: multipart(scene_image(), temperature="5"), 400, "range", "temperature"),
+    ("max-tokens-type", "POST", "/v1/generate-multipart", lambda: multipart(scene_image(), max_new_tokens="many"), 400, "type", "max_new_tokens"),
+    ("max-tokens-zero", "POST", "/v1/generate", lambda: dict(json={"prompt": "x", "max_new_tokens": 0}), 400, "range", "max_new_tokens"),
+    ("top-p-range", "POST", "/v1/generate", lambda: dict(json={"prompt": "x", "top_p": 1.5}), 400, "range", "top_p"),
+    ("seed-type", "POST", "/v1/generate", lambda: dict(json={"prompt": "x", "seed": "abc"}), 400, "type", "seed"),
+    ("stream-type", "POST", "/v1/generate", lambda: dict(json={"prompt": "x", "stream": "maybe"}), 400, "type", "stream"),
+    ("missing-prompt", "POST", "/v1/generate", lambda: dict(json={"max_new_tokens": 3}), 400, "missing", "prompt"),
+    ("prompt-chars", "POST", "/v1/generate", lambda: dict(json={"prompt": "字" * 5000}), 400, "prompt_chars", "prompt"),
+    ("context-overflow", "POST", "/v1/generate", lambda: dict(json={"prompt": "x", "max_new_tokens": 3000}), 400, "context", "max_new_tokens"),
+    ("bad-base64", "POST", "/v1/generate", lambda: dict(json={"prompt": "x", "image": "data:image/png;base64,@@@@"}), 400, "image_base64", "image"),
+    ("remote-url-refused", "POST", "/v1/chat/completions", lambda: chat([{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]), 400, "remote_disabled", "messages[0].content[0].image_url"),
+    ("broken-data-url", "POST", "/v1/chat/completions", lambda: chat([{"type": "image_url", "image_url": {"url": data_url(b"GIF89a-broken")}}]), 400, "image_unreadable", "messages[0].content[0].image_url"),
+    ("marker-in-text", "POST", "/v1/chat/completions", lambda: chat("look <image> here"), 400, "marker_in_text", "messages[0].content[0].text"),
+    ("last-not-user", "POST", "/v1/chat/completions", lambda: dict(json={"messages": [{"role": "assistant", "content": "hi"}]}), 400, "last_user", "messages"),
+    ("unknown-role", "POST", "/v1/chat/completions", lambda: dict(json={"messages": [{"role": "tool", "content": "hi"}]}), 400, "role", "messages[0].role"),
+    ("n-2", "POST", "/v1/chat/completions", lambda: chat("hi", n=2), 400, "n", "n"),
+    ("no-messages", "POST", "/v1/chat/completions", lambda: dict(json={"model": "tiny"}), 400, "missing", "messages"),
+    ("invalid-json", "POST", "/v1/chat/completions", lambda: dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "json", None),
+    ("wrong-content-type", "POST", "/v1/generate", lambda: dict(content=b"prompt=x", headers={"content-type": "text/plain"}), 415, "content_type", None),
+    ("multipart-as-json", "POST", "/v1/generate-multipart", lambda: dict(json={"prompt": "x"}), 415, "content_type", None),
+    ("unknown-path", "GET", "/v1/nothing", lambda: {}, 404, "not_found", None),
+    ("wrong-method", "GET", "/v1/generate", lambda: {}, 405, "method", None),
+]
+
+
+@pytest.mark.parametrize("method,path,make,status,code,param", [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
+def test_error_answers(servers, method, path, make, status, code, param):
+    """Every mistake: a 4xx, the JSON error shape, a Chinese message by default."""
+    r = httpx.request(method, servers.base + path, timeout=60, **make())
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert (err["code"], err["param"], err["type"]) == (code, param, "invalid_request_error")
+    assert CJK.search(err["message"]), err["message"]
+
+
+def test_errors_in_english_on_request(servers):
+    r = httpx.post(servers.base + "/v1/generate", json={"prompt": "x", "temperature": -1},
+                   headers={"Accept-Language": "en-US,en;q=0.9,zh-CN;q=0.5"}, timeout=10)
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    assert message.isascii() and "temperature" in message and "between 0.0 and 2.0" in message
+    zh_first = httpx.post(servers.base + "/v1/generate", json={"prompt": "x", "temperature": -1},
+                          headers={"Accept-Language": "zh-CN,zh;q=0.9,en;q=0.8"}, timeout=10)
+    assert CJK.search(zh_first.json()["error"]["message"])
+
+
+def test_queue_full_then_time_limit(servers):
+    """tight server: 1 running + 1 waiting; a third request meanwhile gets 503 + Retry-After.
+    Each request may take 0.5 s: a long answer is cut with finish_reason time_limit."""
+    results = [None] * 3
+
+    def ask(i):
+        results[i] = httpx.post(servers.tight + "/v1/generate", json={"prompt": "x", "max_new_tokens": 1900},
+                                timeout=30)
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    codes = sorted(r.status_code for r in results)
+    busy = [r for r in results if r.status_code == 503]
+    assert codes[0] == 200 and len(busy) >= 1, [r.text for r in results]
+    assert any(r.json()["error"]["code"] == "queue_full" and int(r.headers["retry-after"]) > 0 for r in busy)
+    first = next(r for r in results if r.status_code == 200).json()
+    assert first["finish_reason"] == "time_limit" and 0 < first["usage"]["completion_tokens"] < 1900
+    assert 400 <= first["timings"]["total_ms"] < 5000
+
+
+def test_client_disconnect_frees_its_slot(servers):
+    """A client that leaves mid-answer (streaming, or waiting for a whole answer) is cancelled
+    at once instead of decoding its 1900 tokens for nobody."""
+    before = health(servers.base)["engine"].get("cancelled", 0)
+    with httpx.Client(timeout=30) as c:
+        with c.stream("POST", servers.base + "/v1/generate", json={"prompt": "x", "max_new_tokens": 1900,
+                                                                    "stream": True}) as r:
+            assert r.status_code == 200
+            next(r.iter_text())                                 # first piece arrived; now hang up
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(servers.base + "/v1/generate", json={"prompt": "x", "max_new_tokens": 1900}, timeout=0.3)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        engine = health(servers.base)["engine"]
+        if engine.get("cancelled", 0) == before + 2 and engine["active"] == 0:
+            break
+        time.sleep(0.05)
+    assert engine.get("cancelled", 0) == before + 2 and engine["active"] == 0, engine
+
+
+def test_remote_image_when_enabled(servers):
+    """--allow-remote-images (tight server): an http image_url is fetched."""
+    import functools
+    import http.server
+    img = scene_image(4, fmt="PNG")
+
+    class One(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(img)))
+            self.end_headers()
+            self.wfile.write(img)
+
+        def log_message(self, *a):
+            pass
+    srv = http.server.HTTPServer(("127.0.0.1", 0), One)
+    threading.Thread(target=srv.handle_request, daemon=True).start()
+    try:
+        r = httpx.post(servers.tight + "/v1/chat/completions", timeout=30, json={"max_tokens": 3, "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{srv.server_port}/a.png"}},
+                                         {"type": "text", "text": "描述这张图片"}]}]})
+    finally:
+        srv.server_close()
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] > 16
+
+
+def test_cors_allows_the_page_origin(servers):
+    r = httpx.options(servers.base + "/v1/generate-multipart", timeout=10, headers={
+        "Origin": servers.web, "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == servers.web
+    other = httpx.options(servers.base + "/v1/generate-multipart", timeout=10, headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "foreign"])
+def test_bad_checkpoint_stops_startup_with_one_message(tmp_path, kind):
+    path = tmp_path / "model.pt"
+    if kind == "corrupt":
+        path.write_bytes(b"PK\x03\x04" + os.urandom(500))
+    elif kind == "foreign":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    env = {**os.environ, "LLM_CHECKPOINT": str(path)}
+    r = subprocess.run([sys.executable, "serve.py", "--port", str(free_port())], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("错误：") and str(path) in lines[0]
+    assert "python train_vision.py" in lines[0] and "LLM_CHECKPOINT" in lines[0]
