@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: venv demo eval test bench serve-dev clean
+.PHONY: venv demo eval test bench serve-dev clean system-deps bench-serve
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,28 @@ demo: $(STAMP)
 eval: $(STAMP)
 	$(PY) evaluate.py
 
-test: $(STAMP)
+# The browser test (tests/test_web.py) drives Debian's Chromium; a CJK font keeps its screenshots readable.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@test -x /usr/bin/chromium || { echo "安装浏览器测试需要的 Chromium…"; \
+	  $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium fonts-wqy-zenhei; }
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q
+
+# API on :8000 (restarts when a .py file changes) and the web page on :3000; Ctrl-C stops both.
+# The model comes from LLM_CHECKPOINT (default checkpoints/vision_trained_model.pt).
+WEB_PORT ?= 3000
+serve-dev: $(STAMP)
+	@$(PY) -m http.server $(WEB_PORT) --bind 127.0.0.1 --directory web >/dev/null 2>&1 & web=$$!; \
+	trap 'kill $$web 2>/dev/null' EXIT; sleep 0.5; \
+	kill -0 $$web 2>/dev/null || { echo "错误：网页端口 $(WEB_PORT) 已被占用，可用 make serve-dev WEB_PORT=3001 换一个。"; exit 1; }; \
+	echo "网页：http://localhost:$(WEB_PORT)   接口：http://localhost:$${SERVE_PORT:-8000}"; \
+	$(PY) serve.py --reload
+
+# Serving throughput: 8 concurrent clients vs the same requests one at a time (docs/benchmarks.md).
+bench-serve: $(STAMP)
+	$(PY) bench/bench_serve.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

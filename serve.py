@@ -837,6 +837,7 @@ def main(argv=None):
             os.environ[env] = ("1" if value else "") if kind is bool else str(value)
         uvicorn.run("serve:app_from_env", factory=True, host=settings.host, port=settings.port, reload=True,
                     reload_dirs=[str(HERE)], reload_includes=["*.py"], log_level=settings.log_level,
+                    reload_excludes=[".venv", "data", "checkpoints", "web", "tests"],
                     timeout_graceful_shutdown=3)
         return
     app = create_app(settings, obj)

@@ -34,9 +34,15 @@ function choose(f) {
   if (!f) return;
   file = f;
   const img = $("preview");
+  const hint = $("drop-hint");
+  img.onerror = () => {
+    img.hidden = true;
+    hint.hidden = false;
+    hint.textContent = `无法预览 ${f.name}（可能不是图片），仍可提交让服务检查。`;
+  };
   img.src = URL.createObjectURL(f);
   img.hidden = false;
-  $("drop-hint").hidden = true;
+  hint.hidden = true;
   hideError();
 }
 

@@ -1,0 +1,66 @@
+"""The web page in a real browser: Debian's Chromium, headless, driven by Playwright.
+
+`make test` installs chromium when /usr/bin/chromium is missing; without it this test fails
+(it must never pass unseen). The page is served as static files, the API by serve.py.
+"""
+from pathlib import Path
+
+from playwright.sync_api import expect, sync_playwright
+
+from tests.serve_helpers import ROOT, scene_image, servers  # noqa: F401  (fixture)
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = ROOT / "tests" / "artifacts"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+# Records every change of the answer box, so the test can tell streaming from one final write.
+RECORD = """() => {
+  window.__answers = [];
+  new MutationObserver(() => window.__answers.push(document.getElementById('answer').textContent))
+    .observe(document.getElementById('answer'), {childList: true, characterData: true, subtree: true});
+}"""
+
+
+def test_page_uploads_asks_and_streams(servers, tmp_path):
+    assert CHROMIUM.exists(), "Chromium is missing: run `make test` (it installs it) or apt-get install chromium"
+    picture = tmp_path / "scene.png"
+    picture.write_bytes(scene_image(5, size=128, fmt="PNG"))
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("this is not a picture")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 820})
+            page.goto(f"{servers.web}/index.html?api={servers.base}")
+            expect(page.locator("#health")).to_have_text("模型已就绪：tiny", timeout=15000)
+            expect(page.locator("#prompt")).to_have_value("描述这张图片")
+
+            page.locator("#ask").click()                            # no image yet: a clear message
+            expect(page.locator("#error")).to_have_text("请先选择一张图片。")
+
+            page.set_input_files("#file", str(picture))
+            expect(page.locator("#preview")).to_be_visible()
+            page.fill("#max-tokens", "60")
+            page.locator("#temperature").fill("1")                  # varied tokens: visible text
+            page.evaluate(RECORD)
+            page.locator("#ask").click()
+            expect(page.locator("#status")).to_contain_text("完成：60 个 token", timeout=30000)
+            answers = page.evaluate("window.__answers")
+            final = page.locator("#answer").text_content()
+            assert final and len(answers) >= 5, answers            # many partial updates, not one write
+            growing = [a for a in answers if a]
+            assert all(final.startswith(a) for a in growing)        # each update extends the last one
+            expect(page.locator("#history li")).to_have_count(1)
+            expect(page.locator("#history li .q")).to_have_text("描述这张图片")
+            expect(page.locator("#error")).to_be_hidden()
+            page.screenshot(path=str(ARTIFACTS / "web.png"), full_page=True)
+
+            page.set_input_files("#file", str(not_image))          # the server's Chinese error is shown
+            page.locator("#ask").click()
+            expect(page.locator("#error")).to_contain_text("无法识别这张图片")
+            expect(page.locator("#history li")).to_have_count(1)
+            page.screenshot(path=str(ARTIFACTS / "web-error.png"), full_page=True)
+        finally:
+            browser.close()
