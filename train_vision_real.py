@@ -194,7 +194,10 @@ def main(argv=None):
     except TrainingInterrupted as e:
         print(f"\n训练已暂停，断点已保存到 {e}。加上 --resume 重新运行同一条命令即可继续。", file=sys.stderr)
         sys.exit(130)
-    bad = sum(getattr(p, "runtime_bad", 0) + getattr(p, "bad", 0) for p in train_parts)
+    bad = 0
+    for p in train_parts:
+        found = getattr(p, "bad", 0)              # CaptionSet keeps a list of (name, reason), a stream a count
+        bad += getattr(p, "runtime_bad", 0) + (len(found) if isinstance(found, list) else found)
     if bad:
         print(f"训练中共跳过 {bad} 张无法读取的图片。")
     print(f"训练完成，模型已保存到 {a.output}")
