@@ -5,13 +5,20 @@ GradScaler where bf16 is missing) -> gradient accumulation and clipping -> non-f
 skipped -> validation each epoch -> best checkpoint by validation loss -> resume state beside it.
 
 Data order is a pure function of (seed, epoch), so a resumed run replays exactly the batches an
-uninterrupted run would have seen and ends with the same weights. Datasets whose items change
+uninterrupted run would have seen and ends with the same weights.
+
+Under torchrun (WORLD_SIZE > 1) the same loop runs data-parallel: NCCL on GPUs, gloo on CPUs;
+each rank takes its own slice of every global batch of the epoch's order (batch-size x processes
+samples), so all ranks make the same number of steps; accumulation micro-batches skip the
+all-reduce (no_sync); only rank 0 prints, logs and writes files. Resume state records the samples
+consumed in the epoch, so a run may continue on a different number of processes. Datasets whose items change
 per epoch (a fresh question, another of five captions) set `epoch_keys = True` and receive
 (epoch, index) keys instead of plain indices, which also works with persistent workers.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -22,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -146,6 +155,54 @@ def default_workers() -> int:
     return 0 if cpus <= 2 else min(8, cpus // 2)
 
 
+# ----------------------------------------------------------------------------- distributed
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) for a plain `python` run."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs). Each rank on a machine gets
+    the GPU of its LOCAL_RANK, whatever cuda:N was asked for."""
+    rank, world, local = dist_env()
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise UserError(f"本机只有 {torch.cuda.device_count()} 块 GPU，却启动了第 {local + 1} 个进程。"
+                            f"请让 --nproc_per_node 不超过 GPU 数。")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return rank, world, device
+
+
+def rank_keys(order: list, batch: int, world: int, rank: int, accum: int = 1) -> list:
+    """Rank `rank`'s share of `order`: the rank-th slice of each global batch (batch x world),
+    whole optimizer steps only (accum global batches), so all ranks get the same count."""
+    step = batch * world * accum
+    order = order[:len(order) // step * step]
+    return [k for s in range(0, len(order), batch * world) for k in order[s + rank * batch:s + (rank + 1) * batch]]
+
+
+class TrainStep(torch.nn.Module):
+    """The model and its optional auxiliary head as one module, so a single DDP wrapper averages
+    the gradients of both. Returns (loss to optimise, language-model loss to show)."""
+
+    def __init__(self, model, aux, aux_weight: float):
+        super().__init__()
+        self.model, self.aux, self.aux_weight = model, aux, aux_weight
+
+    def forward(self, batch):
+        lm_loss, _ = self.model(batch["input_ids"], batch["pixels"], batch["labels"])
+        loss = lm_loss if self.aux is None else lm_loss + self.aux_weight * self.aux(batch)
+        return loss, lm_loss
+
+
 def param_groups(modules, weight_decay: float):
     """No weight decay on 1-D parameters (norms, biases, CLS). A parameter's `lr_scale` attribute
     (set by backbones.configure_training, default 1) multiplies its learning rate."""
@@ -179,24 +236,35 @@ class Trainer:
         self.cfg, self.tokenizer, self.collate = cfg, tokenizer, collate
         self.train_data, self.val_data = train_data, val_data
         self.on_epoch_end, self.meta, self.log = on_epoch_end, meta or {}, log
-        self.device = resolve_device(cfg.device)
+        self.rank, self.world, self.device = init_distributed(resolve_device(cfg.device))
+        self.is_main = self.rank == 0
         self.dtype = autocast_dtype(self.device, cfg.precision)
         torch.manual_seed(cfg.seed)
         self.model = model.to(self.device)
         self.aux = aux.to(self.device) if aux is not None else None
+        self.net = TrainStep(self.model, self.aux, cfg.aux_weight)
+        if self.world > 1:              # broadcasts rank 0's weights, then averages gradients
+            for data in (train_data, val_data):
+                if hasattr(data, "split_by_node"):          # streamed sources read disjoint rows per rank
+                    data.split_by_node(self.rank, self.world)
+            self.net = DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         modules = [self.model] + ([self.aux] if self.aux is not None else [])
         fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}
         self.opt = torch.optim.AdamW(param_groups(modules, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), **fused)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.batches_per_epoch = len(train_data) // cfg.batch_size
-        self.steps_per_epoch = self.batches_per_epoch // cfg.accum
+        self.global_batch = cfg.batch_size * self.world          # samples per micro-batch, all ranks
+        self.steps_per_epoch = len(train_data) // (self.global_batch * cfg.accum)
+        self.batches_per_epoch = self.steps_per_epoch * cfg.accum   # per rank; leftovers are dropped
         if self.steps_per_epoch < 1:
+            procs = f" × {self.world} 个进程" if self.world > 1 else ""
             raise UserError(f"训练数据只有 {len(train_data)} 条，不足一个批次（batch-size {cfg.batch_size}"
-                            f" × 累积 {cfg.accum}）。请减小 --batch-size 或增加数据。")
+                            f" × 累积 {cfg.accum}{procs}）。请减小 --batch-size 或增加数据。")
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.warmup_steps = max(1, int(cfg.warmup * self.total_steps))
         self.workers = default_workers() if cfg.workers < 0 else cfg.workers
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.seen_in_epoch = 0                                     # samples of this epoch consumed, all ranks
         self.best = float("inf")
         self.bad_steps = 0
         self.skipped = 0
@@ -204,14 +272,18 @@ class Trainer:
         self.log_path = Path(cfg.output).with_suffix(".log.jsonl")
 
     # ------------------------------------------------------------------ data
-    def loader(self, data, epoch: int, start_batch: int = 0, shuffle: bool = True):
-        n = len(data) if not shuffle else self.batches_per_epoch * self.cfg.batch_size
+    def loader(self, data, epoch: int, start: int = 0, shuffle: bool = True):
+        """This rank's batches. shuffle: the epoch's permutation from sample `start` on, cut
+        into global batches of batch-size x processes; rank r takes the r-th slice of each, and
+        only whole optimizer steps are kept, so every rank makes the same number of steps.
+        Without shuffle (evaluation) rank r takes items r, r+W, ... and nothing is dropped."""
+        B, W = self.cfg.batch_size, self.world
         if shuffle:
             g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
-            order = torch.randperm(len(data), generator=g)[:n].tolist()
+            order = torch.randperm(len(data), generator=g)[start:self.batches_per_epoch * B * W].tolist()
+            keys = rank_keys(order, B, W, self.rank, self.cfg.accum)
         else:
-            order = list(range(n))
-        keys = order[start_batch * self.cfg.batch_size:]
+            keys = list(range(self.rank, len(data), W))
         if getattr(data, "epoch_keys", False):
             keys = [(epoch, i) for i in keys]
         return DataLoader(data, batch_size=self.cfg.batch_size, sampler=keys, collate_fn=self.collate,
@@ -230,9 +302,15 @@ class Trainer:
     def loss(self, batch):
         """(loss to optimise, the language-model loss that is shown and logged)."""
         with self.autocast():
-            lm_loss, _ = self.model(batch["input_ids"], batch["pixels"], batch["labels"])
-            loss = lm_loss if self.aux is None else lm_loss + self.cfg.aux_weight * self.aux(batch)
-        return loss, lm_loss
+            return self.net(batch)
+
+    def all_reduce(self, values: list[float], op=None) -> list[float]:
+        """Sum (or `op`) of a few numbers over all ranks; the numbers themselves on one process."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t.tolist()
 
     def optimizer_step(self) -> bool:
         """Clip, step, schedule. A non-finite gradient skips the step (counted); too many in a
@@ -270,6 +348,7 @@ class Trainer:
             total += float(loss) * len(batch["input_ids"])
             n += len(batch["input_ids"])
         self.model.train()
+        total, n = self.all_reduce([total, n])                    # every rank scored its own share
         return total / max(1, n)
 
     # ------------------------------------------------------------------ state
@@ -279,11 +358,12 @@ class Trainer:
                 "aux": self.aux.state_dict() if self.aux is not None else None,
                 "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "best": self.best, "skipped": self.skipped, "rng": rng_state(),
+                "seen_in_epoch": self.seen_in_epoch, "world_size": self.world, "best": self.best, "skipped": self.skipped, "rng": rng_state(),
                 "train_config": asdict(self.cfg)}
 
     def save_resume(self):
-        atomic_save(self.state(), resume_path(self.cfg.output))
+        if self.is_main:
+            atomic_save(self.state(), resume_path(self.cfg.output))
 
     def load_resume(self):
         path = resume_path(self.cfg.output)
@@ -291,20 +371,33 @@ class Trainer:
         if obj is None:
             raise UserError(f"找不到断点文件 {path}，无法 --resume。去掉 --resume 从头训练，或检查 --output。")
         saved = obj["train_config"]
-        if saved["batch_size"] != self.cfg.batch_size or saved["accum"] != self.cfg.accum:
-            raise UserError(f"断点用的是 --batch-size {saved['batch_size']} / --grad-accum {saved['accum']}，"
-                            f"继续训练时必须相同。")
+        if saved["batch_size"] != self.cfg.batch_size:
+            raise UserError(f"断点用的是 --batch-size {saved['batch_size']}（每个进程），继续训练时必须相同。")
         restore_weights(self.model, obj["checkpoint"])
         if self.aux is not None and obj["aux"] is not None:
             self.aux.load_state_dict(obj["aux"])
         self.opt.load_state_dict(obj["optimizer"])
         self.scaler.load_state_dict(obj["scaler"])
-        self.step, self.epoch, self.batch_in_epoch = obj["step"], obj["epoch"], obj["batch_in_epoch"]
+        self.step, self.epoch = obj["step"], obj["epoch"]
+        self.seen_in_epoch = obj.get("seen_in_epoch", obj["batch_in_epoch"] * saved["batch_size"])
+        self.batch_in_epoch = self.seen_in_epoch // self.global_batch
         self.best, self.skipped = obj["best"], obj["skipped"]
         set_rng_state(obj["rng"])
-        self.log(f"从断点继续：第 {self.epoch + 1} 轮，第 {self.batch_in_epoch} 批（全局第 {self.step} 步）")
+        world = obj.get("world_size", 1)
+        if (world, saved["accum"]) != (self.world, self.cfg.accum):
+            # another global batch: continue at the same sample of the epoch; the schedule
+            # counts this run's steps from the share of training already done
+            self.step = self.epoch * self.steps_per_epoch + self.seen_in_epoch // (self.global_batch * self.cfg.accum)
+            if self.is_main:
+                self.log(f"断点来自 {world} 个进程 × 累积 {saved['accum']}，现在是 {self.world} 个进程 × 累积 "
+                         f"{self.cfg.accum}：每步的全局批次由 {self.cfg.batch_size * world * saved['accum']} 变为 "
+                         f"{self.global_batch * self.cfg.accum}，从本轮第 {self.seen_in_epoch} 个样本接着训练。")
+        if self.is_main:
+            self.log(f"从断点继续：第 {self.epoch + 1} 轮，第 {self.batch_in_epoch} 批（全局第 {self.step} 步）")
 
     def log_metrics(self, record: dict):
+        if not self.is_main:
+            return
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
@@ -314,7 +407,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self):
         cfg = self.cfg
-        check_writable(cfg.output)
+        if self.is_main:
+            check_writable(cfg.output)
         if cfg.resume:
             self.load_resume()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -323,48 +417,70 @@ class Trainer:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+        if self.world > 1:
+            dist.barrier()                  # rank 0's last checkpoint is on disk before anyone leaves
         return self.best
+
+    def should_stop(self) -> bool:
+        """A signal seen by any rank stops all of them at the same step (none is left waiting)."""
+        flag = float(self.stop_signal is not None)
+        return (self.all_reduce([flag], dist.ReduceOp.MAX)[0] if self.world > 1 else flag) > 0
+
+    def say(self, msg: str):
+        if self.is_main:
+            print(msg, flush=True)
 
     def _fit(self):
         cfg = self.cfg
         self.model.train()
         for epoch in range(self.epoch, cfg.epochs):
             self.epoch = epoch
-            start = self.batch_in_epoch
-            bar = tqdm(total=self.batches_per_epoch, initial=start, desc=f"Epoch {epoch + 1}/{cfg.epochs}",
-                       bar_format=BAR, mininterval=0.5, dynamic_ncols=True)
-            running, seen, t0, samples = 0.0, 0, time.time(), 0
-            for i, batch in enumerate(self.loader(self.train_data, epoch, start), start):
+            bar = tqdm(total=self.batches_per_epoch, initial=self.batch_in_epoch, desc=f"Epoch {epoch + 1}/{cfg.epochs}",
+                       bar_format=BAR, mininterval=0.5, dynamic_ncols=True, disable=not self.is_main)
+            running, seen, t0, samples, shown = 0.0, 0, time.time(), 0, 0.0
+            batches = self.loader(self.train_data, epoch, self.seen_in_epoch)
+            last = len(batches) - 1
+            for j, batch in enumerate(batches):
                 batch = self.to_device(batch)
-                loss, lm_loss = self.loss(batch)
-                self.scaler.scale(loss / cfg.accum).backward()
-                value = lm_loss.detach().item()
-                running += value
+                sync = (j + 1) % cfg.accum == 0
+                # accumulation micro-batches keep their gradients local; the last one all-reduces
+                quiet = self.net.no_sync() if self.world > 1 and not sync else contextlib.nullcontext()
+                with quiet:
+                    loss, lm_loss = self.loss(batch)
+                    self.scaler.scale(loss / cfg.accum).backward()
+                running = running + lm_loss.detach()           # stays on the device: no per-step sync
                 seen += 1
-                samples += len(batch["input_ids"])
-                self.batch_in_epoch = i + 1
-                if (i + 1) % cfg.accum == 0:
+                samples += len(batch["input_ids"]) * self.world
+                self.batch_in_epoch += 1
+                self.seen_in_epoch += self.global_batch
+                if sync:
                     self.optimizer_step()
                     if self.step % cfg.save_every == 0:
                         self.save_resume()
-                    if self.stop_signal is not None:
+                    if self.should_stop():
                         bar.close()
                         self.save_resume()
                         raise TrainingInterrupted(resume_path(cfg.output))
-                lr = self.opt.param_groups[0]["lr"]
-                bar.set_postfix_str(f"loss={value:.2f}, avg={running / seen:.2f}, lr={lr:.1e}", refresh=False)
+                if self.is_main and (j == last or time.time() - shown > 0.5):  # read the loss only to show it
+                    shown = time.time()
+                    lr = self.opt.param_groups[0]["lr"]
+                    bar.set_postfix_str(f"loss={float(lm_loss.detach()):.2f}, avg={float(running) / seen:.2f}, lr={lr:.1e}",
+                                        refresh=False)
                 bar.update(1)
             bar.close()
-            avg = running / max(1, seen)
-            print(f"Epoch {epoch + 1} 完成, 平均损失: {avg:.2f}", flush=True)
+            total, count, samples = self.all_reduce([float(running), seen, samples])
+            avg = total / max(1, count)
+            self.say(f"Epoch {epoch + 1} 完成, 平均损失: {avg:.2f}")
             record = {"epoch": epoch + 1, "step": self.step, "train_loss": round(avg, 5),
                       "lr": self.opt.param_groups[0]["lr"], "samples_per_s": round(samples / (time.time() - t0), 2),
                       "skipped_steps": self.skipped}
+            if self.world > 1:
+                record["processes"] = self.world
             score = avg
             if self.val_data is not None and len(self.val_data):
                 score = record["val_loss"] = round(self.evaluate_loss(self.val_data), 5)
-                print(f"验证损失: {score:.4f}", flush=True)
-            if self.on_epoch_end is not None:
+                self.say(f"验证损失: {score:.4f}")
+            if self.on_epoch_end is not None and self.is_main:   # samples / metrics: rank 0 alone
                 self.model.eval()
                 extra = dict(self.on_epoch_end(self.model, epoch) or {})
                 self.model.train()
@@ -373,9 +489,10 @@ class Trainer:
                 record.update(extra)
             if score < self.best:
                 self.best = score
-                print("→ 新的最佳损失! 保存模型...", flush=True)
-                save_checkpoint(cfg.output, self.model, self.tokenizer,
-                                {**self.meta, "epoch": epoch + 1, "step": self.step, "score": score})
+                if self.is_main:
+                    print("→ 新的最佳损失! 保存模型...", flush=True)
+                    save_checkpoint(cfg.output, self.model, self.tokenizer,
+                                    {**self.meta, "epoch": epoch + 1, "step": self.step, "score": score})
             self.log_metrics(record)
-            self.epoch, self.batch_in_epoch = epoch + 1, 0
+            self.epoch, self.batch_in_epoch, self.seen_in_epoch = epoch + 1, 0, 0
             self.save_resume()
