@@ -68,9 +68,12 @@ def main(argv=None):
     try:
         trainer.fit()
     except TrainingInterrupted as e:
-        print(f"\n训练已暂停，断点已保存到 {e}。继续训练：python train_vision.py --resume"
-              f"{'' if a.output == cfg.output else ''} --output {a.output}", file=sys.stderr)
+        if trainer.is_main:
+            print(f"\n训练已暂停，断点已保存到 {e}。继续训练：python train_vision.py --resume"
+                  f"{'' if a.output == cfg.output else ''} --output {a.output}", file=sys.stderr)
         sys.exit(130)
+    if not trainer.is_main:                       # under torchrun: rank 0 alone reports and evaluates
+        return
     print(f"训练完成，模型已保存到 {a.output}")
     if a.eval_scenes:
         best, tok, _ = load_checkpoint(a.output, trainer.device)

@@ -192,8 +192,11 @@ def main(argv=None):
     try:
         trainer.fit()
     except TrainingInterrupted as e:
-        print(f"\n训练已暂停，断点已保存到 {e}。加上 --resume 重新运行同一条命令即可继续。", file=sys.stderr)
+        if trainer.is_main:
+            print(f"\n训练已暂停，断点已保存到 {e}。加上 --resume 重新运行同一条命令即可继续。", file=sys.stderr)
         sys.exit(130)
+    if not trainer.is_main:                       # under torchrun: rank 0 alone reports
+        return
     bad = 0
     for p in train_parts:
         found = getattr(p, "bad", 0)              # CaptionSet keeps a list of (name, reason), a stream a count
