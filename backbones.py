@@ -13,6 +13,7 @@ transformers and peft are imported inside functions: the built-in model never pa
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -46,16 +47,36 @@ def quiet_transformers():
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers|peft")
 
 
+def is_local(source: str) -> bool:
+    return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
+@functools.cache
+def check_hub(source: str):
+    """Before the first hub id is fetched: if the hub (or the HF_ENDPOINT mirror) can't be reached,
+    switch to offline mode, so cached models still load and a missing one fails at once instead
+    of after half a minute of network retries."""
+    import huggingface_hub.constants
+    from captions import hub_reachable
+    if is_local(source) or huggingface_hub.constants.HF_HUB_OFFLINE or hub_reachable():
+        return
+    print(f"连不上 Hugging Face Hub（{os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}），只在本机缓存中查找模型。",
+          flush=True)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
 def hub_error(what: str, source: str, err: Exception) -> UserError:
     """One message for every way a hub id or folder can fail to load."""
     if Path(source).expanduser().exists():
         return UserError(f"无法从本地文件夹 {source} 加载{what}：{str(err).splitlines()[0][:200]}。"
                          f"请确认它是 transformers 的 save_pretrained 文件夹（含 config.json 和权重文件）。")
-    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+    if is_local(source):
         return UserError(f"找不到{what}的本地文件夹 {source}，请检查路径。")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    import huggingface_hub.constants
+    offline = "（离线模式 HF_HUB_OFFLINE=1，只查了本机缓存）" if huggingface_hub.constants.HF_HUB_OFFLINE else ""
     return UserError(
-        f"无法获取{what} {source}{'（当前 HF_HUB_OFFLINE=1，离线模式）' if offline else ''}：Hugging Face Hub 连不上或没有这个模型。"
+        f"无法获取{what} {source}{offline}：连不上 Hugging Face Hub、本机缓存里没有，或 Hub 上没有这个模型。"
         f"办法：在能联网的机器上先下载（hf download {source} --local-dir 某文件夹）再把该文件夹路径传给本参数；"
         f"或设置镜像后重试（export HF_ENDPOINT=https://hf-mirror.com）。")
 
@@ -65,6 +86,7 @@ def strict_from_pretrained(cls, source: str, what: str, **kw):
     that names them (never a silent random init, MiniMind-V's trap). Keys the class does not
     use (e.g. the text half of a full CLIP checkpoint) are fine."""
     quiet_transformers()
+    check_hub(source)
     try:
         model, info = cls.from_pretrained(source, output_loading_info=True, **kw)
     except (OSError, ValueError, KeyError) as e:
@@ -79,6 +101,7 @@ def strict_from_pretrained(cls, source: str, what: str, **kw):
 def vision_config_of(source: str):
     from transformers import AutoConfig
     quiet_transformers()
+    check_hub(source)
     try:
         cfg = AutoConfig.from_pretrained(source)
     except (OSError, ValueError, KeyError) as e:

@@ -100,10 +100,14 @@ def test_siglip_qwen2_maps_to_the_full_feature_strategy(tmp_path):
     assert compare(model, tok, llava.eval(), processor, text) < 1e-4
 
 
-def test_export_refuses_a_non_empty_output_folder(tok, tmp_path):
+def test_export_refuses_a_non_empty_output_folder_and_a_missing_checkpoint(tok, tmp_path, capsys):
     save_checkpoint(tmp_path / "m.pt", *builtin_model(tok))
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("keep me")
-    r = export(tmp_path / "m.pt", tmp_path / "busy")
-    assert r.returncode == 2 and r.stderr.startswith("错误：") and "Traceback" not in r.stderr
-    assert (tmp_path / "busy" / "x").read_text() == "keep me"
+    for args in (["--checkpoint", str(tmp_path / "m.pt"), "--output", str(tmp_path / "busy")],
+                 ["--checkpoint", str(tmp_path / "nope.pt"), "--output", str(tmp_path / "new")]):
+        with pytest.raises(SystemExit) as e:
+            export_hf.main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("错误：") and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "busy" / "x").read_text() == "keep me" and not (tmp_path / "new").exists()

@@ -1,0 +1,228 @@
+"""Pretrained backbones: tiny random CLIP / SigLIP towers and Llama / Qwen2 LLMs saved to folders
+like a user's downloads, trained through the real CLI in every training choice, reloaded, served."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import backbones
+import tiny_hf
+from checkpoint import load_checkpoint, save_checkpoint
+from errors import UserError
+from trainer import param_groups
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    """Folders: llama, qwen2, clip, siglip (+ data: 16 captioned images)."""
+    d = tmp_path_factory.mktemp("hf")
+    paths = {"llama": tiny_hf.save_llama(d / "llama"), "qwen2": tiny_hf.save_qwen2(d / "qwen2"),
+             "clip": tiny_hf.save_clip(d / "clip"), "siglip": tiny_hf.save_siglip(d / "siglip")}
+    data = d / "data"
+    (data / "images").mkdir(parents=True)
+    caps = {}
+    for i in range(16):
+        colour = ["red", "green", "blue", "white"][i % 4]
+        Image.new("RGB", (40 + i, 36), colour).save(data / "images" / f"{i}.png")
+        caps[f"{i}.png"] = f"a {colour} picture"
+    (data / "captions.json").write_text(json.dumps(caps))
+    paths["data"] = data
+    return {k: str(v) for k, v in paths.items()}
+
+
+def run_cli(*args, env=None, timeout=240):
+    return subprocess.run([sys.executable, "train_vision_real.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def state_of(folder, cls_name):
+    import transformers
+    return getattr(transformers, cls_name).from_pretrained(folder).state_dict()
+
+
+def changed(part_state: dict, base_state: dict) -> bool:
+    """True if any base weight differs in the trained part (keys matched by suffix)."""
+    for k, v in base_state.items():
+        mine = [w for name, w in part_state.items() if name.replace(".base_layer", "").endswith(k) and "lora" not in name]
+        assert mine, k
+        if not torch.equal(mine[0], v):
+            return True
+    return False
+
+
+def serve_one(checkpoint, image: Image.Image, question: str) -> dict:
+    """One OpenAI-style chat request to serve.py's app (in-process, with its engine)."""
+    import base64
+    import io
+    from fastapi.testclient import TestClient
+    import serve
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    app = serve.create_app(serve.settings_from(serve.build_parser().parse_args(["--checkpoint", str(checkpoint)])))
+    app.state.server.on_fatal = lambda: None
+    with TestClient(app) as client:
+        end = time.monotonic() + 60
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < end and not app.state.server.failed, "model did not load"
+            time.sleep(0.05)
+        r = client.post("/v1/chat/completions", json={"model": "m", "max_tokens": 6, "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": question}]}]})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.parametrize("vision, llm, train, save", [
+    ("clip", "llama", "projector", "delta"),
+    ("siglip", "qwen2", "vision+projector", "full"),
+    ("clip", "qwen2", "lora", "delta"),
+    ("siglip", "llama", "all", "full"),
+])
+def test_cli_trains_each_choice_saves_reloads_and_serves(hf, tmp_path, vision, llm, train, save):
+    out = tmp_path / "m.pt"
+    extra = ["--gradient-checkpointing"] if train == "all" else []
+    r = run_cli("--data-source", "local", "--data-path", hf["data"], "--checkpoint", hf[llm], "--vision-encoder", hf[vision],
+                "--train", train, f"--save-{save}", "--epochs", "1", "--batch-size", "4", "--eval-size", "0",
+                "--lr", "1e-2", "--backbone-lr", "1e-2", "--lora-r", "4", "--output", str(out), *extra)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"训练方式 {train}" in r.stdout and "训练完成" in r.stdout
+    obj = torch.load(out, weights_only=True)
+    assert obj["backbones"]["stored"] == save and obj["meta"]["train"] == train
+    stored = set(obj["model"])
+    assert any(k.startswith("projector.") for k in stored)
+    assert any(k.startswith("vision.") for k in stored) == (save == "full" or train != "projector")
+    assert any(k.startswith("lm.") for k in stored) == (save == "full" or train in ("lora", "all"))
+
+    model, tok, meta = load_checkpoint(out)
+    assert meta["weights"] == save
+    vision_cls = "CLIPVisionModel" if vision == "clip" else "SiglipVisionModel"
+    lm_cls = "LlamaForCausalLM" if llm == "llama" else "Qwen2ForCausalLM"
+    assert changed(model.vision.model.state_dict(), state_of(hf[vision], vision_cls)) == (train != "projector")
+    base_lm = {k: v for k, v in state_of(hf[llm], lm_cls).items() if "embed_tokens" not in k and "lm_head" not in k}
+    assert changed(model.lm.model.state_dict(), base_lm) == (train == "all")
+    if train == "lora":
+        assert any("lora_B" in k and v.abs().sum() > 0 for k, v in model.lm.model.state_dict().items())
+    reply = serve_one(out, Image.new("RGB", (50, 40), "red"), "What is in the picture?")
+    assert reply["usage"]["completion_tokens"] >= 1 and isinstance(reply["choices"][0]["message"]["content"], str)
+    assert reply["usage"]["prompt_tokens"] > model.cfg.image_tokens       # the image's tokens were in the prompt
+
+
+def test_hub_id_offline_fails_fast_with_one_chinese_line(hf, tmp_path, monkeypatch):
+    t = time.monotonic()
+    r = run_cli("--data-source", "local", "--data-path", hf["data"], "--vision-encoder", "openai/clip-vit-base-patch16",
+                "--checkpoint", hf["llama"], "--output", str(tmp_path / "m.pt"), timeout=60)
+    elapsed = time.monotonic() - t
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("错误：") and "openai/clip-vit-base-patch16" in lines[0] and "离线模式" in lines[0]
+    assert "hf download" in lines[0] and "文件夹" in lines[0] and "HF_ENDPOINT" in lines[0]
+    assert elapsed < 30, elapsed                     # most of it is importing torch and transformers
+    # without HF_HUB_OFFLINE, an unreachable hub switches to the local cache instead of retrying for ~30 s
+    import huggingface_hub.constants
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("captions.hub_reachable", lambda: False)
+    t = time.monotonic()
+    with pytest.raises(UserError, match=r"Qwen/Qwen2\.5-0\.5B-Instruct.*HF_ENDPOINT"):
+        backbones.build_vlm(hf["clip"], "Qwen/Qwen2.5-0.5B-Instruct")
+    assert time.monotonic() - t < 5 and os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_missing_weight_is_an_error_naming_the_key(hf, tmp_path):
+    import shutil
+    broken = tmp_path / "llama"
+    shutil.copytree(hf["llama"], broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"model\.layers\.1\.mlp\.down_proj\.weight"):
+        backbones.build_vlm(hf["clip"], str(broken))
+
+
+def test_tower_from_a_full_clip_folder_and_missing_local_folder(hf, tmp_path):
+    full = tiny_hf.save_clip(tmp_path / "clip_full", full=True)       # like openai/clip-vit-base-patch16
+    model, tok = backbones.build_vlm(str(full), hf["llama"])
+    assert model.cfg.vit_image_mean[0] == pytest.approx(0.48145466) and model.cfg.image_tokens == 16
+    assert model.vision(torch.zeros(2, 3, 32, 32)).shape == (2, 16, 32)    # CLS dropped
+    with pytest.raises(UserError, match="找不到"):
+        backbones.build_vlm(str(tmp_path / "nope"), hf["llama"])
+
+
+def test_feature_layer_is_penultimate_by_default(hf):
+    from transformers import SiglipVisionModel
+    model, _ = backbones.build_vlm(hf["siglip"], hf["qwen2"])
+    pixels = torch.randn(1, 3, 32, 32)
+    hidden = SiglipVisionModel.from_pretrained(hf["siglip"])(pixel_values=pixels, output_hidden_states=True).hidden_states
+    assert torch.allclose(model.vision(pixels), hidden[-2], atol=1e-6)     # SigLIP: no CLS to drop
+    assert not torch.allclose(hidden[-2], hidden[-1])
+    with pytest.raises(UserError, match="--vision-layer"):
+        backbones.build_vlm(hf["siglip"], hf["qwen2"], vision_layer=9)
+
+
+def test_siglip2_tower_takes_square_images(tmp_path, hf):
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+    Siglip2VisionModel(Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, patch_size=8, num_patches=16)).save_pretrained(tmp_path / "s2")
+    model, _ = backbones.build_vlm(str(tmp_path / "s2"), hf["llama"])
+    assert model.cfg.vit_image_size == 32 and model.cfg.image_tokens == 16
+    assert model.cfg.vit_image_std == (0.5, 0.5, 0.5)            # no preprocessor config: the family's default
+    assert model.vision(torch.randn(2, 3, 32, 32)).shape == (2, 16, 32)
+
+
+def test_chat_template_adapter_labels_answers_only(hf):
+    model, tok = backbones.build_vlm(hf["clip"], hf["qwen2"])
+    chat = [{"role": "user", "content": "What is in the picture?"}, {"role": "assistant", "content": "a red picture"}]
+    ids, labels = tok.encode_chat(chat, image_tokens=16, n_images=1)
+    assert ids.count(tok.image_id) == 16 and all(l == -100 for i, l in zip(ids, labels) if i == tok.image_id)
+    answer = [i for i, l in zip(ids, labels) if l != -100]
+    assert tok.hf.decode(answer) == "a red picture<|im_end|>\n"
+    assert tok.eos_id == tok.hf.convert_tokens_to_ids("<|im_end|>")
+    prompt, _ = tok.encode_chat(chat[:1], 16, 1, add_generation_prompt=True)
+    assert prompt == ids[:len(prompt)] and tok.hf.decode(prompt).endswith("<|im_start|>assistant\n")
+    assert tok.decode(tok.encode("描述这张图片。")) == "描述这张图片。"
+    with pytest.raises(ValueError, match="markers"):
+        tok.encode_chat([{"role": "user", "content": "<image><image>hi"}], 16, 1)
+
+
+def test_delta_checkpoint_refuses_a_changed_base(hf, tmp_path):
+    import shutil
+    base = tmp_path / "llama"
+    shutil.copytree(hf["llama"], base)
+    model, tok = backbones.build_vlm(hf["clip"], str(base))
+    backbones.configure_training(model, "vision+projector", 1e-3)
+    save_checkpoint(tmp_path / "d.pt", model, tok, {"weights": "delta"})
+    save_checkpoint(tmp_path / "f.pt", model, tok, {"weights": "full"})
+    assert (tmp_path / "d.pt").stat().st_size < (tmp_path / "f.pt").stat().st_size
+    tiny_hf.save_llama(base, seed=1)                                   # the base LLM was replaced
+    with pytest.raises(UserError, match="基础模型"):
+        load_checkpoint(tmp_path / "d.pt")
+    shutil.rmtree(base)                                                # a full checkpoint needs no base
+    reloaded, _, _ = load_checkpoint(tmp_path / "f.pt")
+    ids = torch.tensor([tok.encode("a red picture")])
+    assert torch.equal(reloaded(ids)[1], model.eval()(ids)[1])
+
+
+def test_learning_rates_per_part(hf):
+    model, _ = backbones.build_vlm(hf["clip"], hf["llama"])
+    backbones.configure_training(model, "lora", lr=1e-3, projector_lr=2e-3, backbone_lr=1e-4, lora_r=4)
+    groups = param_groups([model], 0.0)
+    by_scale = {}
+    for g in groups:
+        if g["params"]:
+            by_scale.setdefault(g["lr_scale"], []).extend(g["params"])
+    assert sorted(by_scale) == pytest.approx([0.1, 2.0])
+    assert {id(p) for p in model.projector.parameters()} <= {id(p) for p in by_scale[2.0]}
+    assert not any(p.requires_grad for n, p in model.lm.named_parameters() if "lora" not in n)
+    with pytest.raises(UserError, match="--train lora"):
+        from model import VLM, VLMConfig
+        backbones.configure_training(VLM(VLMConfig(**{"lm_dim": 32, "lm_hidden": 64})), "lora", 1e-3)
