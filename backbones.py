@@ -337,6 +337,8 @@ def configure_training(model: VLM, train: str, lr: float, projector_lr: float | 
               "lora": {"vision", "projector"}, "all": {"vision", "projector", "lm"}}[train]
     for name in ("vision", "projector", "lm"):
         getattr(model, name).requires_grad_(name in trains)
+    if "vision" in trains and isinstance(model.vision, HFVisionTower):
+        freeze_unused(model.vision)
     if train == "lora":
         model.lm.add_lora(lora_r)                                   # adds trainable adapters only
     backbone_scale = (backbone_lr or lr * 0.1) / lr
@@ -350,6 +352,18 @@ def configure_training(model: VLM, train: str, lr: float, projector_lr: float | 
             target = part.causal if isinstance(part, HFLanguageModel) else part.model
             target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def freeze_unused(tower: HFVisionTower):
+    """Layers above the feature layer (and CLIP's pooled-output norm, SigLIP's pooling head) never
+    reach the features: freeze them, so the optimizer, DDP and delta checkpoints skip them."""
+    size = tower.image_size
+    tower.zero_grad(set_to_none=True)
+    tower(torch.zeros(1, 3, size, size, device=next(tower.parameters()).device)).float().sum().backward()
+    for p in tower.parameters():
+        if p.grad is None:
+            p.requires_grad_(False)
+    tower.zero_grad(set_to_none=True)
 
 
 def trainable_summary(model: VLM) -> str:
@@ -441,7 +455,9 @@ def restore_weights(model: VLM, obj: dict, path="检查点"):
 
 def add_flags(p):
     """Flags for the training scripts (see docs/models.md)."""
-    g = p.add_argument_group("预训练骨干（详见 docs/models.md）")
+    g = p.add_argument_group("预训练骨干（详见 docs/models.md）",
+                             "--checkpoint 也可以是 Hugging Face 因果语言模型（hub id 或本地文件夹，如 "
+                             "Qwen/Qwen2.5-0.5B-Instruct），它连同自己的分词器和对话模板作为已有的语言模型使用。")
     g.add_argument("--vision-encoder", metavar="HUB_ID或文件夹",
                    help="用 Hugging Face 的 CLIP / SigLIP / SigLIP2 视觉塔（如 openai/clip-vit-base-patch16）代替内置 ViT")
     g.add_argument("--vision-layer", type=int, default=-2,

@@ -165,8 +165,29 @@ def test_feature_layer_is_penultimate_by_default(hf):
     hidden = SiglipVisionModel.from_pretrained(hf["siglip"])(pixel_values=pixels, output_hidden_states=True).hidden_states
     assert torch.allclose(model.vision(pixels), hidden[-2], atol=1e-6)     # SigLIP: no CLS to drop
     assert not torch.allclose(hidden[-2], hidden[-1])
+    backbones.configure_training(model, "vision+projector", 1e-3)
+    layers = model.vision.model.encoder.layers
+    assert all(p.requires_grad for p in layers[0].parameters())
+    assert not any(p.requires_grad for p in layers[-1].parameters())          # above the feature layer: frozen
+    assert not any(p.requires_grad for p in model.vision.model.head.parameters())
     with pytest.raises(UserError, match="--vision-layer"):
         backbones.build_vlm(hf["siglip"], hf["qwen2"], vision_layer=9)
+
+
+def test_our_checkpoint_as_the_llm_with_a_clip_tower(hf, tok, tmp_path):
+    from model import VLM
+    from tests.conftest import tiny_config
+    torch.manual_seed(0)
+    ours = VLM(tiny_config(tok))
+    model, t = backbones.build_vlm(hf["clip"], base=(ours, tok))
+    assert t is tok and model.lm is ours.lm and model.cfg.lm_dim == ours.cfg.lm_dim and model.cfg.vit_dim == 32
+    backbones.configure_training(model, "vision+projector", 1e-3)
+    for weights in ("delta", "full"):
+        save_checkpoint(tmp_path / f"{weights}.pt", model, tok, {"weights": weights})
+        reloaded, _, _ = load_checkpoint(tmp_path / f"{weights}.pt")
+        ids, _ = tok.encode_chat([{"role": "user", "content": "描述这张图片。"}], model.cfg.image_tokens, 1, True)
+        pixels = torch.randn(1, 3, 32, 32)
+        assert torch.equal(reloaded(torch.tensor([ids]), pixels)[1], model.eval()(torch.tensor([ids]), pixels)[1])
 
 
 def test_siglip2_tower_takes_square_images(tmp_path, hf):
