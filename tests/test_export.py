@@ -111,3 +111,12 @@ def test_export_refuses_a_non_empty_output_folder_and_a_missing_checkpoint(tok, 
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("错误：") and len(err.strip().splitlines()) == 1
     assert (tmp_path / "busy" / "x").read_text() == "keep me" and not (tmp_path / "new").exists()
+
+
+def test_clip_tower_with_our_language_model(tok, tmp_path):
+    ours, _ = builtin_model(tok)
+    model, t = backbones.build_vlm(str(tiny_hf.save_clip(tmp_path / "clip")), base=(ours, tok))
+    llava, processor = export_hf.to_llava(perturbed(model), t)
+    assert llava.config.vision_feature_select_strategy == "default" and llava.config.text_config.model_type == "llama"
+    text = processor.apply_chat_template([{"role": "user", "content": "<image>描述这张图片。"}], add_generation_prompt=True)
+    assert compare(model, t, llava.eval(), processor, text) < 1e-4
