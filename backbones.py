@@ -339,8 +339,11 @@ def configure_training(model: VLM, train: str, lr: float, projector_lr: float | 
         getattr(model, name).requires_grad_(name in trains)
     if "vision" in trains and isinstance(model.vision, HFVisionTower):
         freeze_unused(model.vision)
-    if train == "lora":
+    if train == "lora" and model.lm.lora is None:
         model.lm.add_lora(lora_r)                                   # adds trainable adapters only
+    elif train == "lora":                                           # continuing: keep the trained adapters
+        for name, p in model.lm.named_parameters():
+            p.requires_grad_("lora_" in name)
     backbone_scale = (backbone_lr or lr * 0.1) / lr
     for name in ("vision", "projector", "lm"):
         part = getattr(model, name)
@@ -494,7 +497,8 @@ def build(a, default_build):
         same = isinstance(model.vision, HFVisionTower) and model.vision.source == a.vision_encoder
         if a.vision_encoder and not same:
             model, tok = build_vlm(a.vision_encoder, None, a.vision_layer, base=(model, tok))
-    train = a.train or ("vision+projector" if hf_lm else "all")
+    has_lora = isinstance(model.lm, HFLanguageModel) and model.lm.lora is not None
+    train = a.train or ("lora" if has_lora else "vision+projector" if isinstance(model.lm, HFLanguageModel) else "all")
     configure_training(model, train, a.lr, a.projector_lr, a.backbone_lr, a.lora_r, a.gradient_checkpointing)
     uses_hf = bool(hf_parts(model))
     weights = a.save or ("delta" if uses_hf else "full")

@@ -247,3 +247,20 @@ def test_learning_rates_per_part(hf):
     with pytest.raises(UserError, match="--train lora"):
         from model import VLM, VLMConfig
         backbones.configure_training(VLM(VLMConfig(**{"lm_dim": 32, "lm_hidden": 64})), "lora", 1e-3)
+
+
+def test_continuing_a_lora_checkpoint_keeps_its_adapters(hf, tmp_path):
+    model, tok = backbones.build_vlm(hf["clip"], hf["qwen2"])
+    backbones.configure_training(model, "lora", 1e-3, lora_r=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.01)
+    save_checkpoint(tmp_path / "l.pt", model, tok, {"weights": "delta"})
+    again, _, _ = load_checkpoint(tmp_path / "l.pt")
+    backbones.configure_training(again, "lora", 1e-3, lora_r=4)
+    adapters = {n: p for n, p in again.lm.named_parameters() if "lora_" in n}
+    assert adapters and all(p.requires_grad for p in adapters.values())
+    assert not any(".base_layer.base_layer" in n for n, _ in again.named_parameters())     # not wrapped twice
+    assert all(float(p.detach().mean()) == pytest.approx(0.01) for n, p in adapters.items() if "lora_B" in n)
+    assert sum(p.requires_grad for p in again.lm.parameters()) == len(adapters)
