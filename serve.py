@@ -601,6 +601,9 @@ class AbsoluteFormTargets:
 
 
 def create_app(settings: Settings, obj: dict | None = None) -> FastAPI:
+    # The engine thread gives up the GIL inside every torch op; with the default 5 ms switch
+    # interval it may then wait that long behind request parsing for each of them.
+    sys.setswitchinterval(float(os.environ.get("SWI", "0.0005")))
     srv = Server(settings, obj)
 
     async def lifespan(app):
