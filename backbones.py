@@ -409,8 +409,10 @@ def hf_keys(model: VLM, frozen_only: bool = False) -> set[str]:
 
 @torch.no_grad()
 def fingerprint(model: VLM, keys: set[str]) -> float:
+    """Sum of the base weights (accumulated in float64 without copying them): a cheap check that
+    the base a delta checkpoint refers to is still the one it was trained on."""
     state = model.state_dict()
-    return float(sum(state[k].double().sum() for k in sorted(keys))) if keys else 0.0
+    return sum(float(state[k].sum(dtype=torch.float64)) for k in sorted(keys))
 
 
 def model_from_checkpoint(obj: dict, tokenizer, path) -> VLM:

@@ -7,6 +7,10 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from backbones import quiet_transformers
+
+quiet_transformers()                                  # no progress bars from save_pretrained
+
 TEXTS = ["a red circle on the left", "two blue squares", "描述这张图片。", "图中有一个红色的圆形。",
          "What is in the picture?", "there is a green triangle at the top right"] * 20
 
