@@ -40,6 +40,16 @@ serve-dev: $(STAMP)
 	echo "网页：http://localhost:$(WEB_PORT)   接口：http://localhost:$${SERVE_PORT:-8000}"; \
 	$(PY) serve.py --reload
 
+# Training samples/s and generation tokens/s of our model vs transformers' LlavaForConditionalGeneration
+# at the same sizes, measured side by side in one process each, ratios printed (docs/benchmarks.md).
+# BENCH_THREADS=1 pins both to one thread (steadier on a busy machine); BENCH_TRAIN_FLAGS=--compile adds
+# a torch.compile row.
+BENCH_THREADS ?= 0
+BENCH_TRAIN_FLAGS ?=
+bench: $(STAMP)
+	$(PY) bench/bench_train.py --threads $(BENCH_THREADS) $(BENCH_TRAIN_FLAGS)
+	$(PY) bench/bench_generate.py --threads $(BENCH_THREADS)
+
 # Serving throughput: 8 concurrent clients vs the same requests one at a time (docs/benchmarks.md).
 bench-serve: $(STAMP)
 	$(PY) bench/bench_serve.py

@@ -1,0 +1,138 @@
+"""生成速度基准：本项目 VLM.generate() 与 transformers 的 generate()，同尺寸、同一组权重、同一进程内交替测量。
+
+    .venv/bin/python bench/bench_generate.py
+    .venv/bin/python bench/bench_generate.py --batches 1 8 --new-tokens 32
+
+Greedy decoding of a prompt with one image (bos + text + 64 image tokens + text) at batch 1 and 8.
+Both models hold the same weights (bench_train.copy_weights_to_hf), so they must produce the same
+tokens — checked before timing. Reported: new tokens per second (all rows) and time to first
+token (prompt encoding + first sampled token).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import BENCH_SIZES, PRECISIONS, autocast, build_pair, sync  # noqa: E402
+
+QUESTION = 8                    # text tokens after the image
+
+
+def make_prompt(cfg, batch: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    text = lambda k: torch.randint(16, cfg.lm_vocab_size, (batch, k), generator=g)
+    ids = torch.cat([torch.full((batch, 1), cfg.bos_token_id), text(7),
+                     torch.full((batch, cfg.image_tokens), cfg.image_token_id), text(QUESTION)], 1)
+    pixels = torch.randn(batch, 3, cfg.vit_image_size, cfg.vit_image_size, generator=g)
+    return ids, pixels, torch.ones_like(ids)
+
+
+def run_ours(model, prompt, new_tokens, device, dtype):
+    """(tokens (B, n), seconds to the first token, total seconds)."""
+    ids, pixels, mask = prompt
+    sync(device)
+    t = time.perf_counter()
+    cols, first = [], None
+    with autocast(device, dtype):
+        for col in model.generate(ids, pixels, mask, max_new_tokens=new_tokens):
+            cols.append(col)
+            if first is None:
+                sync(device)
+                first = time.perf_counter() - t
+    out = torch.stack(cols, 1)
+    sync(device)
+    return out, first, time.perf_counter() - t
+
+
+class FirstTokenTimer:
+    """A transformers streamer that notes when the first new token arrives (put #2; #1 is the prompt)."""
+
+    def __init__(self):
+        self.calls, self.first = 0, None
+        self.t0 = time.perf_counter()
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2:
+            self.first = time.perf_counter() - self.t0
+
+    def end(self):
+        pass
+
+
+def run_hf(model, prompt, new_tokens, device, dtype):
+    ids, pixels, mask = prompt
+    sync(device)
+    timer = FirstTokenTimer()
+    with autocast(device, dtype):
+        out = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=new_tokens,
+                             do_sample=False, streamer=timer, pad_token_id=model.config.text_config.pad_token_id)
+    sync(device)
+    return out[:, ids.shape[1]:], timer.first, time.perf_counter() - timer.t0
+
+
+def bench_batch(ours, hf, batch, args):
+    device, dtype = args.device, PRECISIONS[args.precision]
+    prompt = tuple(t.to(device) for t in make_prompt(ours.cfg, batch))
+    runners = {"ours": (ours, run_ours), "transformers": (hf, run_hf)}
+    outs = {name: fn(m, prompt, args.new_tokens, device, dtype)[0] for name, (m, fn) in runners.items()}  # warm-up
+    same = outs["ours"].shape == outs["transformers"].shape and bool((outs["ours"] == outs["transformers"]).all())
+    stats = {k: {"tps": [], "ttft": []} for k in runners}
+    for _ in range(args.rounds):
+        for name, (m, fn) in runners.items():
+            out, first, total = fn(m, prompt, args.new_tokens, device, dtype)
+            stats[name]["tps"].append(out.numel() / total)
+            stats[name]["ttft"].append(first)
+    r = {"batch": batch, "new_tokens": outs["ours"].shape[1], "same_tokens": same}
+    for name, s in stats.items():
+        r[name] = {"tokens_per_s": round(statistics.median(s["tps"]), 1),
+                   "ttft_ms": round(1000 * statistics.median(s["ttft"]), 1),
+                   "all_rounds": [round(x, 1) for x in s["tps"]]}
+    r["speedup"] = round(r["ours"]["tokens_per_s"] / r["transformers"]["tokens_per_s"], 2)
+    r["ttft_speedup"] = round(r["transformers"]["ttft_ms"] / r["ours"]["ttft_ms"], 2)
+    return r
+
+
+def run(args):
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    ours, hf = build_pair(BENCH_SIZES)
+    ours, hf = ours.to(args.device).eval(), hf.to(args.device).eval()
+    return {"device": args.device, "precision": args.precision, "threads": torch.get_num_threads(),
+            "prompt_len": 1 + 7 + ours.cfg.image_tokens + QUESTION,
+            "results": [bench_batch(ours, hf, b, args) for b in args.batches]}
+
+
+def report(r):
+    print(f"生成速度（{r['device']}，{r['precision']}，{r['threads']} 线程，提示长 {r['prompt_len']} token 含 1 张图，贪心解码）")
+    for b in r["results"]:
+        same = "两者输出相同" if b["same_tokens"] else "注意：两者输出不同"
+        print(f"  batch {b['batch']}（每行 {b['new_tokens']} 个新 token，{same}）")
+        for name in ("ours", "transformers"):
+            m = b[name]
+            print(f"  {name:>12}: {m['tokens_per_s']:8.1f} token/秒  首 token {m['ttft_ms']:7.1f} ms  各轮 {m['all_rounds']}")
+        print(f"  加速比 本项目/transformers = {b['speedup']:.2f}×（首 token {b['ttft_speedup']:.2f}×）")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="生成速度：本项目 vs transformers generate()（同尺寸、同权重）。")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="要测的批次大小 (默认: 1 8)")
+    p.add_argument("--new-tokens", type=int, default=32, help="每行生成的新 token 数 (默认: 32)")
+    p.add_argument("--rounds", type=int, default=5, help="交替测量的轮数，取中位数 (默认: 5)")
+    p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="两者共用的精度 (默认: fp32)")
+    p.add_argument("--device", default="cpu", help="设备 (默认: cpu)")
+    p.add_argument("--threads", type=int, default=0, help="CPU 线程数，0 = torch 默认")
+    p.add_argument("--json", action="store_true", help="只输出 JSON")
+    args = p.parse_args(argv)
+    r = run(args)
+    print(json.dumps(r, ensure_ascii=False)) if args.json else report(r)
+
+
+if __name__ == "__main__":
+    main()
