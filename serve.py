@@ -498,6 +498,10 @@ class Server:
             print(f"错误：{e}", file=sys.stderr, flush=True)
             self.failed = True
             self.on_fatal()
+        except Exception:                     # a bug or the device failing: keep the traceback
+            log.exception("错误：模型加载失败")
+            self.failed = True
+            self.on_fatal()
 
     def publish(self, events):
         """Engine thread -> event loop: hand each job its events."""
@@ -546,10 +550,8 @@ class Server:
             raise busy("queue_full") from None
         return job
 
-    async def next_event(self, job: Job, request: Request | None):
+    async def next_event(self, job: Job, request: Request):
         """The job's next event; None if the client went away meanwhile (the job is cancelled)."""
-        if request is None:
-            return await job.inbox.get()
         getter = asyncio.ensure_future(job.inbox.get())
         watcher = asyncio.ensure_future(wait_disconnect(request))
         try:
@@ -603,7 +605,7 @@ class AbsoluteFormTargets:
 def create_app(settings: Settings, obj: dict | None = None) -> FastAPI:
     # The engine thread gives up the GIL inside every torch op; with the default 5 ms switch
     # interval it may then wait that long behind request parsing for each of them.
-    sys.setswitchinterval(float(os.environ.get("SWI", "0.0005")))
+    sys.setswitchinterval(0.0005)
     srv = Server(settings, obj)
 
     async def lifespan(app):
