@@ -569,7 +569,7 @@ class StreamCaptions(torch.utils.data.Dataset):
         self.stream = stream.shuffle(seed=seed, buffer_size=buffer) if buffer > 1 else stream
         self.name, self.length, self.image_size, self.seed = name, length, image_size, seed
         self.max_pixels, self.max_bad_ratio = max_pixels, max_bad_ratio
-        self.it, self.pass_no, self.seen, self.bad = None, 0, 0, 0
+        self.it, self.pass_no, self.seen, self.runtime_bad = None, 0, 0, 0
 
     def __len__(self):
         return self.length
@@ -605,11 +605,11 @@ class StreamCaptions(torch.utils.data.Dataset):
                 image = decode_image(value, self.image_size, self.max_pixels)
                 break
             except BadImage as e:
-                self.bad += 1
-                if self.bad <= 3:
+                self.runtime_bad += 1
+                if self.runtime_bad <= 3:
                     log(f"警告：跳过 {self.name} 第 {self.seen} 行的图片（{e}）")
-                if self.seen >= 50 and self.bad / self.seen > self.max_bad_ratio:
-                    raise UserError(f"{self.name} 已读 {self.seen} 行，其中 {self.bad} 张图片无法使用，超过 "
+                if self.seen >= 50 and self.runtime_bad / self.seen > self.max_bad_ratio:
+                    raise UserError(f"{self.name} 已读 {self.seen} 行，其中 {self.runtime_bad} 张图片无法使用，超过 "
                                     f"--max-bad-ratio {self.max_bad_ratio:.0%}，训练已停止。") from None
         rng = random.Random(f"{self.seed}/{epoch}/{k}/{self.seen}")
         return {"image": image, "messages": [{"role": "user", "content": rng.choice(PROMPTS)},

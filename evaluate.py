@@ -136,7 +136,9 @@ def evaluate_real(a, model, tok):
     n = min(a.count, len(data))
     items = [(data.image(k), data.references(k)) for k in range(n)]
     lang = captions.caption_language(c for _, refs in items for c in refs)
-    result = evaluate_captions(model, tok, items, captions.PROMPT_ZH if lang == "zh" else captions.PROMPT_EN)
+    longest = max(len(tok.encode(c)) for _, refs in items for c in refs)
+    result = evaluate_captions(model, tok, items, captions.PROMPT_ZH if lang == "zh" else captions.PROMPT_EN,
+                               max_new_tokens=min(64, longest + 8))
     print_caption_scores(result)
     return result
 

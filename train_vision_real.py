@@ -176,10 +176,12 @@ def main(argv=None):
     lang = captions.caption_language(texts)
     prompt = captions.PROMPT_ZH if lang == "zh" else captions.PROMPT_EN
 
+    longest = max((len(tok.encode(c)) for _, refs in eval_items for c in refs), default=0)
+
     def on_epoch_end(model, epoch):
         if not eval_items:
             return {}
-        r = evaluate_captions(model, tok, eval_items, prompt)
+        r = evaluate_captions(model, tok, eval_items, prompt, max_new_tokens=min(64, longest + 8))
         print_caption_scores(r, "验证集 ")
         out = {"bleu4": round(r["bleu4"], 5), "cider": round(r["cider"], 5), "tokenisation": r["tokenisation"]}
         if a.select_by == "cider":

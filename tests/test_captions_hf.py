@@ -96,13 +96,18 @@ def test_hub_id_uses_the_parquet_conversion_and_says_so(tmp_path, monkeypatch, c
     assert len(train.refs) == 8 and "脚本式数据集" in capsys.readouterr().err
 
 
-def test_caption_columns_grouped_and_real_validation_split(tmp_path):
-    root = tmp_path / "f8k"
-    root.mkdir()
+def f8k_parquet(root: Path) -> Path:
+    """jxie/flickr8k's layout: image + caption_0..caption_4, real train/validation/test splits."""
+    root.mkdir(parents=True)
     for split, n in (("train", 6), ("validation", 2), ("test", 2)):
         Dataset.from_dict({"image": [{"bytes": encode(photo(seed=i)), "path": None} for i in range(n)],
                            **{f"caption_{k}": [f"{split} {i} c{k}" for i in range(n)] for k in range(5)}}
                           ).cast_column("image", HFImage()).to_parquet(str(root / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+def test_caption_columns_grouped_and_real_validation_split(tmp_path):
+    root = f8k_parquet(tmp_path / "f8k")
     train, val = load_hf(str(root), "train")
     assert train.captions[0] == [f"train 0 c{k}" for k in range(5)] and len(train.refs) == 6
     assert len(val.refs) == 2 and val.captions[1][4] == "validation 1 c4"
@@ -159,7 +164,7 @@ def test_streaming_takes_rows_in_order_of_a_shuffled_stream_and_skips_bad_ones(t
     s = StreamCaptions(train, "f", length=20, image_size=16, buffer=4, max_bad_ratio=0.5)
     got = [s[(0, k)]["messages"][1]["content"] for k in range(20)]   # two passes of 9 good rows, and more
     numbers = {int(c.split()[4]) for c in got}
-    assert numbers == set(range(10)) - {4} and s.bad >= 2 and "跳过" in capsys.readouterr().err
+    assert numbers == set(range(10)) - {4} and s.runtime_bad >= 2 and "跳过" in capsys.readouterr().err
     assert len(s) == 20
 
 
