@@ -60,6 +60,7 @@ class TrainConfig:
     save_every: int = 200            # optimizer steps between resume-state saves
     max_bad_steps: int = 20          # consecutive non-finite steps before giving up
     aux_weight: float = 1.0
+    compile: bool = False            # torch.compile the training step
 
     def validate(self):
         checks = [(self.epochs >= 1, "--epochs 必须是正整数"), (self.batch_size >= 1, "--batch-size 必须是正整数"),
@@ -89,12 +90,15 @@ def add_train_flags(p: argparse.ArgumentParser, batch_size: int, epochs: int, lr
     p.add_argument("--warmup", type=float, default=0.03, help="预热占总步数的比例 (默认: 0.03)")
     p.add_argument("--workers", type=int, default=-1, help="数据加载进程数 (默认: 按机器自动)")
     p.add_argument("--save-every", type=int, default=200, help="每多少步保存一次断点 (默认: 200)")
+    p.add_argument("--compile", action="store_true",
+                   help="用 torch.compile 编译训练步：首次编译要几十秒到几分钟，之后每步更快（见 docs/benchmarks.md）")
 
 
 def config_from_args(a) -> TrainConfig:
     return TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, device=a.device,
                        precision=a.precision, seed=a.seed, output=a.output, resume=a.resume,
-                       accum=a.grad_accum, warmup=a.warmup, workers=a.workers, save_every=a.save_every)
+                       accum=a.grad_accum, warmup=a.warmup, workers=a.workers, save_every=a.save_every,
+                       compile=getattr(a, "compile", False))
 
 
 class TrainingInterrupted(Exception):
@@ -249,6 +253,8 @@ class Trainer:
                     data.split_by_node(self.rank, self.world)
             self.net = DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:                 # evaluation and generate() keep using the plain model
+            self.net = torch.compile(self.net)
         modules = [self.model] + ([self.aux] if self.aux is not None else [])
         fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}
         self.opt = torch.optim.AdamW(param_groups(modules, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), **fused)
