@@ -293,7 +293,7 @@ class VLM(nn.Module):
         loss = F.cross_entropy(logits.float(), target[keep])
         return loss, logits
 
-    @torch.no_grad()
+    @torch.inference_mode()                  # ~10% faster per token than no_grad on a CPU (bench/)
     def generate(self, input_ids, pixels=None, attention_mask=None, max_new_tokens=64,
                  temperature=0.0, top_k=0, top_p=1.0, generator=None, stop_ids=None):
         """Batched sampling with a KV cache. Prompts must be left-padded (attention_mask 0 on
