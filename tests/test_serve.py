@@ -17,7 +17,10 @@ import torch
 from openai import OpenAI
 from PIL import Image
 
-from tests.serve_helpers import ROOT, free_port, scene_image, servers  # noqa: F401  (fixture)
+pytest.register_assert_rewrite("tests.serve_helpers")  # imported below and as a plugin
+from tests.serve_helpers import ROOT, free_port, scene_image
+
+pytest_plugins = ["tests.serve_helpers"]               # the shared `servers` fixture: one set per session
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 # The user guide's line, character for character.
@@ -311,18 +314,21 @@ def test_cors_allows_the_page_origin(servers):
     assert "access-control-allow-origin" not in other.headers
 
 
-@pytest.mark.parametrize("kind", ["missing", "corrupt", "foreign"])
-def test_bad_checkpoint_stops_startup_with_one_message(tmp_path, kind):
-    path = tmp_path / "model.pt"
-    if kind == "corrupt":
-        path.write_bytes(b"PK\x03\x04" + os.urandom(500))
-    elif kind == "foreign":
-        torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
-    env = {**os.environ, "LLM_CHECKPOINT": str(path)}
-    r = subprocess.run([sys.executable, "serve.py", "--port", str(free_port())], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2
-    lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("错误：") and str(path) in lines[0]
-    assert "python train_vision.py" in lines[0] and "LLM_CHECKPOINT" in lines[0]
+def test_bad_checkpoint_stops_startup_with_one_message(tmp_path):
+    """Missing, corrupt and foreign files (started side by side to save time): exit code 2 and a
+    single line that says what is wrong and how to get a model - no traceback, no server."""
+    (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04" + os.urandom(500))
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "foreign.pt")
+    procs = {}
+    for kind in ("missing", "corrupt", "foreign"):
+        env = {**os.environ, "LLM_CHECKPOINT": str(tmp_path / f"{kind}.pt")}
+        procs[kind] = subprocess.Popen([sys.executable, "serve.py", "--port", str(free_port())], cwd=ROOT, env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    says = {"missing": "找不到", "corrupt": "已损坏", "foreign": "不是本工具保存的"}
+    for kind, proc in procs.items():
+        out, _ = proc.communicate(timeout=90)
+        assert proc.returncode == 2, (kind, out)
+        lines = [l for l in out.splitlines() if l.strip()]
+        assert len(lines) == 1, (kind, lines)
+        assert lines[0].startswith("错误：") and str(tmp_path / f"{kind}.pt") in lines[0] and says[kind] in lines[0]
+        assert "python train_vision.py" in lines[0] and "LLM_CHECKPOINT" in lines[0]

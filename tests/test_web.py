@@ -5,9 +5,13 @@
 """
 from pathlib import Path
 
+import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from tests.serve_helpers import ROOT, scene_image, servers  # noqa: F401  (fixture)
+pytest.register_assert_rewrite("tests.serve_helpers")  # imported below and as a plugin
+from tests.serve_helpers import ROOT, scene_image
+
+pytest_plugins = ["tests.serve_helpers"]               # the shared `servers` fixture
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "tests" / "artifacts"
