@@ -120,3 +120,16 @@ def test_clip_tower_with_our_language_model(tok, tmp_path):
     assert llava.config.vision_feature_select_strategy == "default" and llava.config.text_config.model_type == "llama"
     text = processor.apply_chat_template([{"role": "user", "content": "<image>描述这张图片。"}], add_generation_prompt=True)
     assert compare(model, t, llava.eval(), processor, text) < 1e-4
+
+
+@pytest.mark.parametrize("preset", ["micro", "tiny"])
+def test_builtin_presets_map_onto_clip_and_llama(preset, tok):
+    from model import PRESETS, VLMConfig
+    torch.manual_seed(0)
+    cfg = VLMConfig(**{**PRESETS[preset], "lm_vocab_size": tok.vocab_size, "image_token_id": tok.image_id,
+                       "pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id})
+    model = perturbed(VLM(cfg))
+    llava, processor = export_hf.to_llava(model, tok)
+    assert type(llava.model.vision_tower).__name__.startswith("CLIPVision")
+    text = processor.apply_chat_template([{"role": "user", "content": "<image>描述这张图片。"}], add_generation_prompt=True)
+    assert compare(model, tok, llava.eval(), processor, text) < 1e-4
