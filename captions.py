@@ -295,6 +295,12 @@ class Mixture(torch.utils.data.Dataset):
     def __len__(self):
         return int(self.starts[-1])
 
+    def split_by_node(self, rank: int, world: int):
+        """Under torchrun (the trainer calls this): streamed parts give each rank its own rows."""
+        for part in self.parts:
+            if hasattr(part, "split_by_node"):
+                part.split_by_node(rank, world)
+
     def perm(self, part: int, epoch: int):
         if (part, epoch) not in self._perm:
             g = torch.Generator().manual_seed(self.seed * 7919 + part * 104729 + epoch)
@@ -573,6 +579,13 @@ class StreamCaptions(torch.utils.data.Dataset):
 
     def __len__(self):
         return self.length
+
+    def split_by_node(self, rank: int, world: int):
+        """Each rank reads a disjoint part of the stream: whole shards when their number divides
+        evenly, else every world-th row. The stream is endless (it restarts), so every rank still
+        fills the same `length` items per epoch and no rank waits for another at the end."""
+        from datasets.distributed import split_dataset_by_node
+        self.stream = split_dataset_by_node(self.stream, rank=rank, world_size=world)
 
     def rows(self):
         """Endless: when the stream ends it starts over with another shuffle."""

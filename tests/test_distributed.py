@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +53,23 @@ def test_rank_keys_split_each_global_batch_evenly():
     # accumulation keeps whole optimizer steps only: 40 samples = 1 step of 2 x 12 (+16 dropped)
     assert [len(rank_keys(order[:40], 4, 3, r, accum=2)) for r in range(3)] == [8, 8, 8]
     assert [len(rank_keys(order[:40], 4, 3, r, accum=1)) for r in range(3)] == [12, 12, 12]
+
+
+@pytest.mark.parametrize("shards", [4, 3])           # 4: whole shards per rank; 3: every other row
+def test_streamed_rows_are_split_between_ranks(shards):
+    from datasets import Dataset, Image as HFImage
+    from captions import Mixture, StreamCaptions
+    from test_captions import encode, photo
+    table = Dataset.from_dict({"image": [{"bytes": encode(photo((20, 20), seed=i)), "path": f"{i}.jpg"} for i in range(8)],
+                               "caption": [f"photo {i}" for i in range(8)]}).cast_column("image", HFImage())
+    seen = []
+    for rank in range(2):
+        stream = StreamCaptions(table.to_iterable_dataset(num_shards=shards), "t", length=4, image_size=16, buffer=0)
+        mix = Mixture([stream])
+        mix.split_by_node(rank, 2)                       # what the trainer calls under torchrun
+        seen.append({stream[(0, k)]["messages"][1]["content"] for k in range(4)})
+    assert len(seen[0]) == len(seen[1]) == 4 and not seen[0] & seen[1]
+    assert seen[0] | seen[1] == {f"photo {i}" for i in range(8)}
 
 
 def test_two_processes_train_in_step_then_one_process_resumes(tok, tmp_path):
