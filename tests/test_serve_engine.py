@@ -54,12 +54,17 @@ class Collect:
 
 
 @pytest.fixture
-def model(tok):
+def one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)             # what the server uses on this 2-core machine; much faster here
-    torch.manual_seed(0)
-    yield VLM(tiny_config(tok)).eval()
+    yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def model(tok, one_thread):
+    torch.manual_seed(0)
+    return VLM(tiny_config(tok)).eval()
 
 
 def test_batched_equals_one_at_a_time(model, tok):
@@ -138,3 +143,32 @@ def test_queue_limit_cancel_and_time_limit(model, tok):
         engine.close()
     stats = engine.snapshot()
     assert stats["rejected"] == 1 and stats["cancelled"] == 2 and stats["active"] == 0
+
+
+def test_fixed_batch_with_a_hugging_face_language_model(tmp_path, one_thread):
+    """A Hugging Face LM keeps its own cache type: the engine then runs fixed batches (no joining
+    mid-way). Answers still match generate() alone, and later jobs are served after the batch."""
+    from backbones import build_vlm
+    from model import VLMConfig
+    from tests.tiny_hf import save_llama
+    model, tok = build_vlm(lm_source=str(save_llama(tmp_path / "llama")),
+                           scratch_cfg=VLMConfig(vit_image_size=16, vit_patch_size=4, vit_dim=32, vit_layers=1, vit_heads=2))
+    model.eval()
+    stop = {tok.eos_id}
+    specs = [("描述这张图片。", 12), ("What is in the picture?", 7), ("two blue squares", 15)]
+    jobs_in = [(tok.encode_chat([{"role": "user", "content": t}], model.cfg.image_tokens, 1, True)[0],
+                image(model, i), n) for i, (t, n) in enumerate(specs)]
+    expected = [reference(model, ids, px, n, stop) for ids, px, n in jobs_in]
+    sink = Collect()
+    engine = Engine(model, stop, max_batch=2, publish=sink)
+    assert not engine.elastic
+    jobs = [Job(ids, px, max_new_tokens=n) for ids, px, n in jobs_in]
+    for j in jobs:
+        engine.submit(j)
+    engine.start()
+    try:
+        sink.wait(jobs)
+    finally:
+        engine.close()
+    assert [j.tokens for j in jobs] == expected and all(expected)
+    assert jobs[2].t_start >= max(jobs[0].t_end, jobs[1].t_end)      # the third waited for the first batch
