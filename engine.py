@@ -89,6 +89,10 @@ class RowCache:
 
 
 class Engine:
+    """stop_ids end a job (not part of its tokens); banned ids are never sampled (tokens that can
+    not be part of an answer, such as <image> or <pad>); max_batch jobs decode together and up to
+    max_queue more may wait for a slot."""
+
     def __init__(self, model, stop_ids, max_batch=16, max_queue=64, publish=None, banned=()):
         self.model, self.cfg = model, model.cfg
         self.device = next(model.parameters()).device
