@@ -25,6 +25,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 from dataclasses import dataclass
 from pathlib import Path
@@ -608,6 +609,7 @@ def create_app(settings: Settings, obj: dict | None = None) -> FastAPI:
     sys.setswitchinterval(0.0005)
     srv = Server(settings, obj)
 
+    @asynccontextmanager
     async def lifespan(app):
         srv.loop = asyncio.get_running_loop()
         threading.Thread(target=srv.load, name="load-model", daemon=True).start()
@@ -615,8 +617,7 @@ def create_app(settings: Settings, obj: dict | None = None) -> FastAPI:
         if srv.engine:
             srv.engine.close()
 
-    from contextlib import asynccontextmanager
-    app = FastAPI(title="VLM serve", lifespan=asynccontextmanager(lifespan), docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="VLM serve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.server = srv
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],

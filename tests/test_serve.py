@@ -279,7 +279,6 @@ def test_client_disconnect_frees_its_slot(servers):
 
 def test_remote_image_when_enabled(servers):
     """--allow-remote-images (tight server): an http image_url is fetched."""
-    import functools
     import http.server
     img = scene_image(4, fmt="PNG")
 
