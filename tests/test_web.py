@@ -3,6 +3,7 @@
 `make test` installs chromium when /usr/bin/chromium is missing; without it this test fails
 (it must never pass unseen). The page is served as static files, the API by serve.py.
 """
+import base64
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,14 @@ RECORD = """() => {
   window.__answers = [];
   new MutationObserver(() => window.__answers.push(document.getElementById('answer').textContent))
     .observe(document.getElementById('answer'), {childList: true, characterData: true, subtree: true});
+}"""
+
+# Drops a PNG (base64) on the drop zone, as dragging a file from the desktop does.
+DROP = """(b64) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const data = new DataTransfer();
+  data.items.add(new File([bytes], 'dropped.png', {type: 'image/png'}));
+  document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));
 }"""
 
 
@@ -61,10 +70,18 @@ def test_page_uploads_asks_and_streams(servers, tmp_path):
             expect(page.locator("#error")).to_be_hidden()
             page.screenshot(path=str(ARTIFACTS / "web.png"), full_page=True)
 
+            first_preview = page.locator("#preview").get_attribute("src")
+            page.evaluate(DROP, base64.b64encode(scene_image(6, size=128, fmt="PNG")).decode())
+            expect(page.locator("#preview")).not_to_have_attribute("src", first_preview)
+            page.fill("#prompt", "图里有什么？")
+            page.locator("#ask").click()
+            expect(page.locator("#history li")).to_have_count(2, timeout=30000)
+            expect(page.locator("#history li .q").first).to_have_text("图里有什么？")
+
             page.set_input_files("#file", str(not_image))          # the server's Chinese error is shown
             page.locator("#ask").click()
             expect(page.locator("#error")).to_contain_text("无法识别这张图片")
-            expect(page.locator("#history li")).to_have_count(1)
+            expect(page.locator("#history li")).to_have_count(2)
             page.screenshot(path=str(ARTIFACTS / "web-error.png"), full_page=True)
         finally:
             browser.close()
