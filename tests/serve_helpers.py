@@ -96,7 +96,7 @@ def servers(tok, tmp_path_factory):
     images allowed; web: the static page on its own port (allowed by main's CORS)."""
     d = tmp_path_factory.mktemp("serve")
     torch.manual_seed(0)
-    model = VLM(tiny_config(tok, lm_max_len=2048))
+    model = VLM(tiny_config(tok, lm_max_len=4096))
     with torch.no_grad():
         model.lm.embed.weight[tok.eos_id] = 0
     ckpt = d / "tiny.pt"
@@ -110,10 +110,10 @@ def servers(tok, tmp_path_factory):
     gate = d / "gate"
     main_port, tight_port = free_port(), free_port()
     main = launch(["--port", str(main_port), "--max-batch", "4", "--max-queue", "4", "--request-timeout", "30",
-                   "--max-new-tokens", "4000", "--cors-origins", f"http://127.0.0.1:{web_port}"],
+                   "--max-new-tokens", "8000", "--cors-origins", f"http://127.0.0.1:{web_port}"],
                   d / "main.log", gate=gate, env={"LLM_CHECKPOINT": str(ckpt)})
     tight = launch(["--checkpoint", str(ckpt), "--port", str(tight_port), "--max-batch", "1", "--max-queue", "1",
-                    "--request-timeout", "0.5", "--max-new-tokens", "2000", "--allow-remote-images"], d / "tight.log")
+                    "--request-timeout", "0.5", "--max-new-tokens", "4000", "--allow-remote-images"], d / "tight.log")
     procs = [main, tight]
     try:
         base = f"http://127.0.0.1:{main_port}"

@@ -195,7 +195,7 @@ ERRORS = [  # (id, method, path, request kwargs, status, code, param)
     ("stream-type", "POST", "/v1/generate", lambda: dict(json={"prompt": "x", "stream": "maybe"}), 400, "type", "stream"),
     ("missing-prompt", "POST", "/v1/generate", lambda: dict(json={"max_new_tokens": 3}), 400, "missing", "prompt"),
     ("prompt-chars", "POST", "/v1/generate", lambda: dict(json={"prompt": "字" * 5000}), 400, "prompt_chars", "prompt"),
-    ("context-overflow", "POST", "/v1/generate", lambda: dict(json={"prompt": "x", "max_new_tokens": 3000}), 400, "context", "max_new_tokens"),
+    ("context-overflow", "POST", "/v1/generate", lambda: dict(json={"prompt": "x", "max_new_tokens": 5000}), 400, "context", "max_new_tokens"),
     ("bad-base64", "POST", "/v1/generate", lambda: dict(json={"prompt": "x", "image": "data:image/png;base64,@@@@"}), 400, "image_base64", "image"),
     ("remote-url-refused", "POST", "/v1/chat/completions", lambda: chat([{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]), 400, "remote_disabled", "messages[0].content[0].image_url"),
     ("broken-data-url", "POST", "/v1/chat/completions", lambda: chat([{"type": "image_url", "image_url": {"url": data_url(b"GIF89a-broken")}}]), 400, "image_unreadable", "messages[0].content[0].image_url"),
@@ -240,7 +240,7 @@ def test_queue_full_then_time_limit(servers):
     results = [None] * 3
 
     def ask(i):
-        results[i] = httpx.post(servers.tight + "/v1/generate", json={"prompt": "x", "max_new_tokens": 1900},
+        results[i] = httpx.post(servers.tight + "/v1/generate", json={"prompt": "x", "max_new_tokens": 4000},
                                 timeout=30)
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
     for t in threads:
@@ -253,21 +253,21 @@ def test_queue_full_then_time_limit(servers):
     assert codes[0] == 200 and len(busy) >= 1, [r.text for r in results]
     assert any(r.json()["error"]["code"] == "queue_full" and int(r.headers["retry-after"]) > 0 for r in busy)
     first = next(r for r in results if r.status_code == 200).json()
-    assert first["finish_reason"] == "time_limit" and 0 < first["usage"]["completion_tokens"] < 1900
+    assert first["finish_reason"] == "time_limit" and 0 < first["usage"]["completion_tokens"] < 4000
     assert 400 <= first["timings"]["total_ms"] < 5000
 
 
 def test_client_disconnect_frees_its_slot(servers):
     """A client that leaves mid-answer (streaming, or waiting for a whole answer) is cancelled
-    at once instead of decoding its 1900 tokens for nobody."""
+    at once instead of decoding its 4000 tokens for nobody."""
     before = health(servers.base)["engine"].get("cancelled", 0)
     with httpx.Client(timeout=30) as c:
-        with c.stream("POST", servers.base + "/v1/generate", json={"prompt": "x", "max_new_tokens": 1900,
+        with c.stream("POST", servers.base + "/v1/generate", json={"prompt": "x", "max_new_tokens": 4000,
                                                                     "stream": True}) as r:
             assert r.status_code == 200
             next(r.iter_text())                                 # first piece arrived; now hang up
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(servers.base + "/v1/generate", json={"prompt": "x", "max_new_tokens": 1900}, timeout=0.3)
+        httpx.post(servers.base + "/v1/generate", json={"prompt": "x", "max_new_tokens": 4000}, timeout=0.3)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         engine = health(servers.base)["engine"]
