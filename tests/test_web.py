@@ -55,11 +55,11 @@ def test_page_uploads_asks_and_streams(servers, tmp_path):
 
             page.set_input_files("#file", str(picture))
             expect(page.locator("#preview")).to_be_visible()
-            page.fill("#max-tokens", "60")
+            page.fill("#max-tokens", "200")
             page.locator("#temperature").fill("1")                  # varied tokens: visible text
             page.evaluate(RECORD)
             page.locator("#ask").click()
-            expect(page.locator("#status")).to_contain_text("完成：60 个 token", timeout=30000)
+            expect(page.locator("#status")).to_contain_text("完成：200 个 token", timeout=30000)
             answers = page.evaluate("window.__answers")
             final = page.locator("#answer").text_content()
             assert final and len(answers) >= 5, answers            # many partial updates, not one write
