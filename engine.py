@@ -207,6 +207,8 @@ class Engine:
         images = [j.pixels for j in jobs if j.pixels is not None]
         pixels = torch.cat(images).to(self.device) if images else None
         x = self.model.embed(ids, pixels)
+        for job in jobs:
+            job.pixels = None                              # encoded now; free the memory
         positions, mask = positions_and_mask(am, (B, T))
         longest = max(len(j.ids) + j.max_new_tokens for j in jobs)
         cache = (RowCache(shape=(self.cfg.lm_layers, B, self.cfg.lm_kv_heads, 0, self.cfg.lm_dim // self.cfg.lm_heads))
