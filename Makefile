@@ -25,7 +25,7 @@ eval: $(STAMP)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-deps:
 	@test -x /usr/bin/chromium || { echo "安装浏览器测试需要的 Chromium…"; \
-	  $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium fonts-wqy-zenhei; }
+	  $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium fonts-wqy-zenhei; }
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q
