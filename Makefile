@@ -42,9 +42,10 @@ serve-dev: $(STAMP)
 
 # Training samples/s and generation tokens/s of our model vs transformers' LlavaForConditionalGeneration
 # at the same sizes, measured side by side in one process each, ratios printed (docs/benchmarks.md).
-# BENCH_THREADS=1 pins both to one thread (steadier on a busy machine); BENCH_TRAIN_FLAGS=--compile adds
-# a torch.compile row.
-BENCH_THREADS ?= 0
+# BENCH_THREADS=1 (default) runs both on one thread: on a shared 2-core machine two threads stall each
+# other and the figures swing tenfold; BENCH_THREADS=0 uses torch's default (all cores).
+# BENCH_TRAIN_FLAGS=--compile adds a torch.compile row.
+BENCH_THREADS ?= 1
 BENCH_TRAIN_FLAGS ?=
 bench: $(STAMP)
 	$(PY) bench/bench_train.py --threads $(BENCH_THREADS) $(BENCH_TRAIN_FLAGS)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,12 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import (ANSWER, PRECISIONS, build_pair, hf_step, make_batch, matmul_peak, optimizer,  # noqa: E402
-                         ours_step, sync, train_flops_per_sample)
+from bench_train import (ANSWER, PRECISIONS, build_pair, hf_step, make_batch, matmul_peak, measure_memory,  # noqa: E402
+                         optimizer, ours_step, sync, train_flops_per_sample)
 from model import PRESETS, VLMConfig  # noqa: E402
 
 SPECIAL = dict(image_token_id=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 SIZES = {
+    "tiny": {**PRESETS["tiny"], **SPECIAL},           # the CPU demo
     "small": {**PRESETS["small"], **SPECIAL},
     # CLIP ViT-B/16 at 224 px (196 patches) + a Qwen2-0.5B-shaped decoder (GQA 14/2, tied 151936 vocab)
     "clip-b16+qwen2-0.5b": dict(vit_image_size=224, vit_patch_size=16, vit_dim=768, vit_layers=12, vit_heads=12,
@@ -67,8 +69,18 @@ def measure(models, batch, args, dtype, peak):
         row = {"samples_per_s": round(rate, 1), "mfu": round(rate * flops / peak, 4)}
         if device.startswith("cuda"):
             row["peak_mib"] = round(torch.cuda.max_memory_allocated() / 2 ** 20)
+        elif args.cpu_memory:
+            row["peak_mib"] = cpu_memory_in_child(args.size_name, batch, name, args.precision)
         out[name] = row
     return out, flops
+
+
+def cpu_memory_in_child(size: str, batch: int, which: str, precision: str) -> int:
+    """Training-step memory on a CPU, measured in a fresh process (see bench_train.measure_memory)."""
+    cmd = [sys.executable, __file__, "--memory-child", size, str(batch), "ours" if which == "ours" else "hf",
+           "--precision", precision]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return round(json.loads(out.strip().splitlines()[-1])["peak_mib"])
 
 
 def main(argv=None):
@@ -81,7 +93,15 @@ def main(argv=None):
     p.add_argument("--precision", default="bf16", choices=sorted(PRECISIONS), help="autocast 精度 (默认: bf16)")
     p.add_argument("--no-hf", action="store_true", help="只测本项目模型")
     p.add_argument("--out", help="把结果另存为 JSON 文件")
+    p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=None, help="只测这些尺寸 (默认: 全部)")
+    p.add_argument("--cpu-memory", action="store_true", help="在 CPU 上也测峰值内存（每行一个子进程）")
+    p.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.memory_child:
+        size, batch, which = args.memory_child
+        peak = measure_memory(which, SIZES[size], int(batch), "cpu", PRECISIONS[args.precision])
+        print(json.dumps({"peak_mib": peak}))
+        return
     if args.smoke:
         args.device = args.device or "cpu"
         args.batches = args.batches or [1]
@@ -97,6 +117,9 @@ def main(argv=None):
     print(f"设备 {name}，精度 {args.precision}，同精度 matmul 实测峰值 {peak / 1e12:.3g} TFLOP/s", flush=True)
     results = {"device": name, "precision": args.precision, "matmul_tflops": round(peak / 1e12, 2), "rows": []}
     for size, sizes in SIZES.items():
+        if args.sizes and size not in args.sizes:
+            continue
+        args.size_name = size
         if args.smoke:
             sizes = {**sizes, "vit_layers": 1, "lm_layers": 1}
         t = time.perf_counter()
