@@ -264,3 +264,28 @@ def test_continuing_a_lora_checkpoint_keeps_its_adapters(hf, tmp_path):
     assert not any(".base_layer.base_layer" in n for n, _ in again.named_parameters())     # not wrapped twice
     assert all(float(p.detach().mean()) == pytest.approx(0.01) for n, p in adapters.items() if "lora_B" in n)
     assert sum(p.requires_grad for p in again.lm.parameters()) == len(adapters)
+
+
+def test_resume_state_of_a_delta_model_restores_the_trained_weights(hf, tmp_path):
+    from collate import Collator
+    from trainer import TrainConfig, Trainer
+    samples = [{"image": Image.new("RGB", (32, 32), c), "messages": [{"role": "user", "content": "What is in the picture?"},
+                                                                    {"role": "assistant", "content": f"a {c} picture"}]}
+               for c in ("red", "green", "blue", "white")]
+
+    def trainer():
+        model, tok = backbones.build_vlm(hf["clip"], hf["qwen2"])
+        backbones.configure_training(model, "lora", 1e-2, lora_r=4)
+        cfg = TrainConfig(epochs=1, batch_size=2, lr=1e-2, device="cpu", precision="fp32", workers=0,
+                          output=str(tmp_path / "m.pt"))
+        return Trainer(model, tok, samples, Collator(tok, model.cfg), cfg, meta={"weights": "delta"}, log=lambda *a: None)
+
+    first = trainer()
+    first.fit()
+    saved = torch.load(tmp_path / "m.resume.pt", weights_only=True)["checkpoint"]
+    assert saved["backbones"]["stored"] == "delta" and not any("base_layer" in k for k in saved["model"])
+    second = trainer()
+    second.cfg.resume = True
+    second.load_resume()
+    want, got = first.model.state_dict(), second.model.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want) and second.step == first.step
