@@ -331,3 +331,16 @@ def test_bad_checkpoint_stops_startup_with_one_message(tmp_path):
         assert len(lines) == 1, (kind, lines)
         assert lines[0].startswith("错误：") and str(tmp_path / f"{kind}.pt") in lines[0] and says[kind] in lines[0]
         assert "python train_vision.py" in lines[0] and "LLM_CHECKPOINT" in lines[0]
+
+
+def test_flags_win_over_environment_which_wins_over_defaults(monkeypatch):
+    import serve
+    monkeypatch.setenv("SERVE_MAX_BATCH", "3")
+    monkeypatch.setenv("SERVE_ALLOW_REMOTE_IMAGES", "1")
+    monkeypatch.setenv("LLM_CHECKPOINT", "from_env.pt")
+    s = serve.settings_from(serve.build_parser().parse_args(["--max-batch", "5"]))
+    assert (s.max_batch, s.allow_remote_images, s.checkpoint, s.port) == (5, True, "from_env.pt", 8000)
+    assert s.name == "from_env"
+    monkeypatch.setenv("SERVE_PORT", "eighty")
+    with pytest.raises(serve.UserError, match="SERVE_PORT"):
+        serve.settings_from(serve.build_parser().parse_args([]))
