@@ -139,6 +139,22 @@ def test_openai_client_with_data_url_image(servers):
     assert longer.usage.prompt_tokens > done.usage.prompt_tokens + 5
 
 
+def test_chat_with_system_text_and_two_images(servers):
+    """Each image_url becomes the model's image tokens where it stood; system text joins the
+    first user turn; more than 4 images are refused."""
+    url = servers.base + "/v1/chat/completions"
+    img = {"type": "image_url", "image_url": {"url": data_url(scene_image(7))}}
+    ask = lambda messages: httpx.post(url, json={"messages": messages, "max_tokens": 2}, timeout=30)
+    one = ask([{"role": "user", "content": [{"type": "text", "text": "哪张图里有圆形？"}, img]}]).json()
+    two = ask([{"role": "user", "content": [img, {"type": "text", "text": "哪张图里有圆形？"}, img]}]).json()
+    sys_ = ask([{"role": "system", "content": "请用中文回答。"},
+                {"role": "user", "content": [{"type": "text", "text": "哪张图里有圆形？"}, img]}]).json()
+    assert two["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"] + 16      # 16 tokens per image
+    assert sys_["usage"]["prompt_tokens"] > one["usage"]["prompt_tokens"] + 3
+    too_many = ask([{"role": "user", "content": [img] * 5}])
+    assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "too_many_images"
+
+
 # ----------------------------------------------------------------------------- errors
 
 def png_claiming(width, height) -> bytes:
