@@ -172,3 +172,29 @@ def test_fixed_batch_with_a_hugging_face_language_model(tmp_path, one_thread):
         engine.close()
     assert [j.tokens for j in jobs] == expected and all(expected)
     assert jobs[2].t_start >= max(jobs[0].t_end, jobs[1].t_end)      # the third waited for the first batch
+
+
+def test_a_failing_step_fails_its_jobs_and_the_engine_keeps_serving(model, tok):
+    ids = prompt(tok, model, "描述这张图片", with_image=False)
+    sink = Collect()
+    engine = Engine(model, {tok.eos_id}, publish=sink).start()
+    real = model.lm.forward
+
+    def broken(x, *args, **kwargs):
+        if x.shape[1] == 1:                          # decode steps fail, prefill works
+            raise RuntimeError("simulated device failure")
+        return real(x, *args, **kwargs)
+    try:
+        model.lm.forward = broken
+        failed = Job(ids, max_new_tokens=5)
+        engine.submit(failed)
+        sink.wait([failed])
+        model.lm.forward = real
+        ok = Job(ids, max_new_tokens=5)
+        engine.submit(ok)
+        sink.wait([ok])
+    finally:
+        model.lm.forward = real
+        engine.close()
+    assert failed.finish_reason == "error"
+    assert ok.finish_reason == "length" and len(ok.tokens) == 5
