@@ -163,6 +163,11 @@ def main(argv=None):
         if val is not None and len(val):
             val = captions.check_images(val, 1.0, workers)
             val_parts.append(val.subset(range(min(len(val.images), MAX_VAL_IMAGES))))
+    streams = [p for p in train_parts if isinstance(p, captions.StreamCaptions)]
+    shards = min((s.stream.num_shards for s in streams), default=workers)
+    if workers > shards:                 # datasets gives each worker whole shards; extra ones would idle
+        print(f"流式数据只有 {shards} 个分片，数据加载进程数从 {workers} 降为 {shards}。", flush=True)
+        workers = cfg.workers = shards
     train_data = captions.Mixture(train_parts, weights, a.seed)
     val_data = captions.Mixture(val_parts, seed=a.seed) if val_parts else None
     print(f"训练样本 {len(train_data)} 条/轮" + (f"，验证图片 {len(val_data)} 张" if val_data else "，没有验证集"), flush=True)
@@ -199,12 +204,9 @@ def main(argv=None):
         sys.exit(130)
     if not trainer.is_main:                       # under torchrun: rank 0 alone reports
         return
-    bad = 0
-    for p in train_parts:
-        found = getattr(p, "bad", 0)              # CaptionSet keeps a list of (name, reason), a stream a count
-        bad += getattr(p, "runtime_bad", 0) + (len(found) if isinstance(found, list) else found)
+    bad = sum(p.runtime_bad for p in train_parts)    # failures after the check (counted in this process)
     if bad:
-        print(f"训练中共跳过 {bad} 张无法读取的图片。")
+        print(f"训练中又跳过了 {bad} 张无法读取的图片。")
     print(f"训练完成，模型已保存到 {a.output}")
 
 

@@ -1,6 +1,7 @@
 """train_vision_real.py end to end: the guide's two commands as written, bad data, mixing,
 streaming, webdataset, --select-by cider, --checkpoint, and evaluate.py on real data."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,19 @@ from test_captions_hf import f8k_parquet, fake_hub, flickr_disk, flickr_parquet,
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on 2 cores shared with other jobs, OpenMP's spin-waiting made these
+    small steps 10-20x slower with two threads. Behaviour is the same either way."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def run(*args, cwd=ROOT, timeout=300):
     return subprocess.run([sys.executable, str(ROOT / "train_vision_real.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def guide_folder(root: Path, n: int) -> Path:
