@@ -50,6 +50,7 @@ BENCH_TRAIN_FLAGS ?=
 bench: $(STAMP)
 	$(PY) bench/bench_train.py --threads $(BENCH_THREADS) $(BENCH_TRAIN_FLAGS)
 	$(PY) bench/bench_generate.py --threads $(BENCH_THREADS)
+	$(PY) bench/bench_pipeline.py --threads $(BENCH_THREADS)
 	$(PY) bench/bench_serve.py
 
 # Serving throughput: 8 concurrent clients vs the same requests one at a time (docs/benchmarks.md).

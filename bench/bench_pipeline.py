@@ -1,7 +1,7 @@
 """Image pipeline throughput: the project's data path vs a plain PIL loop, side by side.
 
     python bench/bench_pipeline.py                      # 300 Flickr-sized JPEGs, 64 px (tiny preset)
-    python bench/bench_pipeline.py --size 224 --images 500
+    python bench/bench_pipeline.py --size 224 --photo 1024x768 --images 150
     python bench/bench_pipeline.py --folder data/vision_train   # your own images/ + captions.json
 
 Rows, each in images/s, measured in alternating rounds so machine load hits all alike:
@@ -35,15 +35,15 @@ from tokenizer import Tokenizer  # noqa: E402
 from trainer import default_workers  # noqa: E402
 
 
-def make_images(folder: Path, count: int, seed: int = 0):
-    """Photo-like JPEGs at Flickr's typical 500x375 (smooth gradients + noise, quality 90)."""
+def make_images(folder: Path, count: int, seed: int = 0, width: int = 500, height: int = 375):
+    """Photo-like JPEGs, by default at Flickr's typical 500x375 (smooth gradients + noise, quality 90)."""
     rng = np.random.default_rng(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     caps = {}
-    yy, xx = np.mgrid[0:375, 0:500]
+    yy, xx = np.mgrid[0:height, 0:width]
     for i in range(count):
         base = (np.sin(xx / rng.uniform(20, 90) + i) + np.cos(yy / rng.uniform(20, 90))) * 60 + 128
-        img = np.clip(base[..., None] + rng.normal(0, 18, (375, 500, 3)) + rng.integers(-60, 60, 3), 0, 255)
+        img = np.clip(base[..., None] + rng.normal(0, 18, (height, width, 3)) + rng.integers(-60, 60, 3), 0, 255)
         name = f"img_{i:05d}.jpg"
         Image.fromarray(img.astype(np.uint8)).save(folder / "images" / name, quality=90)
         caps[name] = f"a picture number {i}"
@@ -71,6 +71,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="图片数据管道吞吐：本项目的读取路径 vs 朴素的 PIL 打开+缩放循环")
     p.add_argument("--folder", help="已有的数据文件夹（images/ + captions.json）；默认生成合成 JPEG")
     p.add_argument("--images", type=int, default=300, help="生成的图片数（默认 300）")
+    p.add_argument("--photo", default="500x375", help="生成图片的尺寸 宽x高（默认 500x375，Flickr 常见大小）")
     p.add_argument("--size", type=int, default=64, help="模型输入边长（默认 64，tiny 预设）")
     p.add_argument("--rounds", type=int, default=3, help="交替轮数（默认 3）")
     p.add_argument("--batch-size", type=int, default=32, help="loader 行的批次大小（默认 32）")
@@ -82,7 +83,8 @@ def main(argv=None):
     tmp = tempfile.TemporaryDirectory()
     folder = Path(a.folder) if a.folder else Path(tmp.name)
     if not a.folder:
-        make_images(folder, a.images)
+        width, height = (int(v) for v in a.photo.lower().split("x"))
+        make_images(folder, a.images, width=width, height=height)
     rows = captions.load_local(str(folder))
     paths = [r for r in rows.refs if isinstance(r, str)]
     data = captions.CaptionSet(rows, a.size)
