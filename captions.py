@@ -211,9 +211,9 @@ class CaptionSet(torch.utils.data.Dataset):
         if isinstance(ref, str):
             return decode_image(ref, self.image_size, self.max_pixels)
         value = self.rows.table[ref][self.rows.table.column_names[0]]
-        if isinstance(value, dict):
+        if isinstance(value, dict):          # an Image column: bytes, or a file datasets itself resolved
             value = value.get("bytes") or value.get("path")
-        if isinstance(value, str) and self.rows.root is not None:
+        elif isinstance(value, str) and self.rows.root is not None:    # a path column: stays inside
             value = str(inside(self.rows.root, value))
         if value is None:
             raise BadImage("图片为空")
@@ -462,11 +462,11 @@ def open_hub(name: str, streaming: bool):
                 continue
             raise
         except ConnectionError:
-            raise UserError(f"无法连接 Hugging Face Hub，本机缓存里也没有数据集 {name}。请联网后重试，或设置镜像"
+            raise UserError(f"无法连接 Hugging Face Hub，本机缓存里也没有数据集 {name}（本地也没有这个路径）。请联网后重试，或设置镜像"
                             f"（export HF_ENDPOINT=https://hf-mirror.com），或在有网的机器上下载后用 --dataset-name "
                             f"指向本地副本（见 docs/datasets.md）。") from None
         except datasets.exceptions.DatasetNotFoundError:
-            raise UserError(f"Hugging Face Hub 上找不到数据集 {name}（或需要登录授权）。请检查名称。") from None
+            raise UserError(f"Hugging Face Hub 上找不到数据集 {name}（或需要登录授权），本地也没有这个路径。请检查名称。") from None
 
 
 def open_local_hf(path: str, streaming: bool):

@@ -169,8 +169,10 @@ def test_streaming_takes_rows_in_order_of_a_shuffled_stream_and_skips_bad_ones(t
     assert again in got and s.pass_no == 1 and len(s) == 20
 
 
-def test_offline_hub_id_gives_one_chinese_line_quickly(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["HF_HUB_OFFLINE", "unreachable"])
+def test_offline_hub_id_gives_one_chinese_line_quickly(tmp_path, env):
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HF_")}, "HF_HOME": str(tmp_path / "hf"), **env}
     t = time.time()
     r = subprocess.run([sys.executable, "train_vision_real.py", "--data-source", "huggingface",
                         "--dataset-name", "nlphuji/flickr30k", "--output", str(tmp_path / "m.pt")],
@@ -178,7 +180,20 @@ def test_offline_hub_id_gives_one_chinese_line_quickly(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     errors = [l for l in r.stderr.splitlines() if l.startswith("错误：")]
     assert len(errors) == 1 and "无法连接 Hugging Face Hub" in errors[0] and "HF_ENDPOINT" in errors[0]
+    assert ("连不上 Hugging Face Hub" in r.stderr) == ("HF_ENDPOINT" in env)     # the probe said so, once
     assert time.time() - t < 60
+
+
+def test_imagefolder_copy(tmp_path):
+    root = tmp_path / "imgf"
+    (root / "train").mkdir(parents=True)
+    for i in range(3):
+        (root / "train" / f"{i}.png").write_bytes(encode(photo(seed=i), "PNG"))
+    (root / "train" / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"{i}.png", "caption": f"picture {i}"}) + "\n" for i in range(3)))
+    train, val = load_hf(str(root), "train")
+    assert sorted(c[0] for c in train.captions) == ["picture 0", "picture 1", "picture 2"] and val is None
+    assert len(check_images(CaptionSet(train, 16), 0.0)) == 3
 
 
 def test_unreachable_hub_is_detected_by_one_probe_not_retries(tmp_path, monkeypatch):
