@@ -1,7 +1,8 @@
 """A real serve.py process on loopback, shared by the server and browser tests (session scope).
 
-The test model is tiny and random, with its end-of-sequence embedding zeroed so greedy answers
-always run to max_new_tokens: lengths and timings are then predictable.
+The test model is tiny and random, with its stop-token embeddings zeroed (tied embeddings, so
+their logits are 0 while the best token's is far above): answers, greedy or sampled, always run to
+max_new_tokens, so lengths and timings are predictable.
 """
 from __future__ import annotations
 
@@ -98,7 +99,9 @@ def servers(tok, tmp_path_factory):
     torch.manual_seed(0)
     model = VLM(tiny_config(tok, lm_max_len=4096))
     with torch.no_grad():
-        model.lm.embed.weight[tok.eos_id] = 0
+        model.lm.embed.weight.mul_(10)              # peaked, input-dependent samples: readable varied text
+        model.lm.embed.weight[tok.eos_id] = 0       # logit 0, far below the best: never chosen
+        model.lm.embed.weight[tok.user_id] = 0      # the other stop token, likewise
     ckpt = d / "tiny.pt"
     save_checkpoint(ckpt, model, tok, {"lang": "zh"})
 

@@ -57,6 +57,7 @@ def test_page_uploads_asks_and_streams(servers, tmp_path):
             expect(page.locator("#preview")).to_be_visible()
             page.fill("#max-tokens", "200")
             page.locator("#temperature").fill("1")                  # varied tokens: visible text
+            page.fill("#seed", "3")                                  # the same sample on every run
             page.evaluate(RECORD)
             page.locator("#ask").click()
             expect(page.locator("#status")).to_contain_text("完成：200 个 token", timeout=30000)

@@ -127,6 +127,7 @@ async function ask() {
   form.append("max_new_tokens", $("max-tokens").value);
   form.append("temperature", $("temperature").value);
   form.append("stream", "true");
+  if ($("seed").value !== "") form.append("seed", $("seed").value);   // same seed + temperature > 0: same answer
 
   const answer = $("answer");
   const status = $("status");
