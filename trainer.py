@@ -193,6 +193,20 @@ def rank_keys(order: list, batch: int, world: int, rank: int, accum: int = 1) ->
     return [k for s in range(0, len(order), batch * world) for k in order[s + rank * batch:s + (rank + 1) * batch]]
 
 
+class EpochKeys(torch.utils.data.Sampler):
+    """The keys of the current pass, replaced before each pass, so one DataLoader and its
+    persistent workers serve every epoch (no worker start-up per epoch)."""
+
+    def __init__(self):
+        self.keys = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self):
+        return len(self.keys)
+
+
 class TrainStep(torch.nn.Module):
     """The model and its optional auxiliary head as one module, so a single DDP wrapper averages
     the gradients of both. Returns (loss to optimise, language-model loss to show)."""
@@ -292,10 +306,15 @@ class Trainer:
             keys = list(range(self.rank, len(data), W))
         if getattr(data, "epoch_keys", False):
             keys = [(epoch, i) for i in keys]
-        return DataLoader(data, batch_size=self.cfg.batch_size, sampler=keys, collate_fn=self.collate,
-                          num_workers=self.workers, drop_last=shuffle,
-                          pin_memory=self.device.type == "cuda",
-                          persistent_workers=False)
+        loaders = self.__dict__.setdefault("_loaders", {})
+        if (id(data), shuffle) not in loaders:
+            loaders[id(data), shuffle] = DataLoader(
+                data, batch_size=self.cfg.batch_size, sampler=EpochKeys(), collate_fn=self.collate,
+                num_workers=self.workers, drop_last=shuffle, pin_memory=self.device.type == "cuda",
+                persistent_workers=self.workers > 0)
+        loader = loaders[id(data), shuffle]
+        loader.sampler.keys = keys
+        return loader
 
     def to_device(self, batch):
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
