@@ -201,10 +201,12 @@ class CaptionSet(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.index)
 
-    def subset(self, positions) -> "CaptionSet":
+    def subset(self, positions, all_captions: bool | None = None) -> "CaptionSet":
         """A CaptionSet over some of this set's images (positions into self.images)."""
-        return CaptionSet(self.rows, self.image_size, self.seed, len(self.index) > len(self.images),
-                          self.max_pixels, [self.images[p] for p in positions])
+        if all_captions is None:
+            all_captions = len(self.index) > len(self.images)
+        return CaptionSet(self.rows, self.image_size, self.seed, all_captions, self.max_pixels,
+                          [self.images[p] for p in positions])
 
     def load(self, i: int) -> Image.Image:
         ref = self.rows.refs[i]

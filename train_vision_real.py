@@ -116,6 +116,25 @@ def load_rows(a, kind, name):
     return train, val_rows
 
 
+def source_sets(a, name, train, val, size, workers):
+    """(training part, validation CaptionSet or None) of one source, its images checked. A source
+    without a validation split gives up --val-ratio of its images; a stream has its head."""
+    if isinstance(train, captions.Rows):
+        full = captions.check_images(captions.CaptionSet(train, size, a.seed, a.all_captions, a.max_pixels),
+                                     a.max_bad_ratio, workers)
+        if val is None:
+            keep, held = captions.holdout(len(full.images), a.val_ratio, a.seed)
+            return full.subset(keep), full.subset(held[:MAX_VAL_IMAGES], all_captions=False) if held else None
+        part = full
+    else:
+        part = captions.StreamCaptions(train, name, a.steps_per_epoch * a.batch_size, size, a.image_column,
+                                       a.caption_column, a.seed, a.shuffle_buffer, a.max_pixels, a.max_bad_ratio)
+    if val is None:
+        return part, None
+    checked = captions.check_images(captions.CaptionSet(val, size, a.seed, False, a.max_pixels), 1.0, workers)
+    return part, checked.subset(range(min(len(checked.images), MAX_VAL_IMAGES)))
+
+
 @cli
 def main(argv=None):
     a = build_parser().parse_args(argv)
@@ -140,29 +159,9 @@ def main(argv=None):
           f"语言模型 {count_params(model.lm) / 1e6:.2f}M；图片 {size}×{size}，每张 {model.cfg.image_tokens} 个图像 token")
 
     workers = default_workers() if a.workers < 0 else a.workers
-    train_parts, weights, val_parts = [], [], []
-    for kind, name, w, train, val in loaded:
-        if not isinstance(train, captions.Rows):
-            train_parts.append(captions.StreamCaptions(
-                train, name, a.steps_per_epoch * a.batch_size, size, a.image_column, a.caption_column, a.seed,
-                a.shuffle_buffer, a.max_pixels, a.max_bad_ratio))
-        else:
-            full = captions.check_images(captions.CaptionSet(train, size, a.seed, a.all_captions, a.max_pixels),
-                                         a.max_bad_ratio, workers)
-            if val is None:
-                keep, held = captions.holdout(len(full.images), a.val_ratio, a.seed)
-                train_parts.append(full.subset(keep))
-                val_set = full.subset(held) if held else None
-            else:
-                train_parts.append(full)
-                val_set = captions.CaptionSet(val, size, a.seed, False, a.max_pixels)
-            val = val_set
-        weights.append(w)
-        if val is not None and not isinstance(val, captions.CaptionSet):
-            val = captions.CaptionSet(val, size, a.seed, False, a.max_pixels)
-        if val is not None and len(val):
-            val = captions.check_images(val, 1.0, workers)
-            val_parts.append(val.subset(range(min(len(val.images), MAX_VAL_IMAGES))))
+    parts = [source_sets(a, name, train, val, size, workers) for kind, name, w, train, val in loaded]
+    train_parts, weights = [t for t, _ in parts], [w for _, _, w, _, _ in loaded]
+    val_parts = [v for _, v in parts if v is not None and len(v)]
     streams = [p for p in train_parts if isinstance(p, captions.StreamCaptions)]
     shards = min((s.stream.num_shards for s in streams), default=workers)
     if workers > shards:                 # datasets gives each worker whole shards; extra ones would idle
