@@ -631,6 +631,12 @@ class StreamCaptions(torch.utils.data.Dataset):
                                              {"role": "assistant", "content": rng.choice(caps)}]}
 
 
+def stream_texts(stream, name: str, count: int, image_column=None, caption_column=None) -> list[str]:
+    """Captions of the first `count` rows (for the tokenizer), without fetching their images."""
+    _, _, caps = find_columns(stream.features or {}, name, image_column, caption_column)
+    return [c for row in stream.select_columns(caps).take(count) for c in row_captions(row, caps)]
+
+
 def stream_head(stream, name: str, count: int, image_column=None, caption_column=None) -> Rows:
     """The first `count` rows of a stream as an in-memory Rows (for validation)."""
     from datasets import Dataset, Image as HFImage

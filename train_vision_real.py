@@ -148,8 +148,7 @@ def main(argv=None):
         if isinstance(train, captions.Rows):
             texts += [c for caps in train.captions for c in caps]
         else:
-            head = captions.stream_head(train, name, 2000, a.image_column, a.caption_column)
-            texts += [c for caps in head.captions for c in caps] if head else []
+            texts += captions.stream_texts(train, name, 2000, a.image_column, a.caption_column)
         texts += [c for caps in val.captions for c in caps] if val else []
     if not texts:
         raise UserError("训练数据里没有任何描述文字。")
