@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import functools
 import json
 import math
@@ -180,7 +181,9 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+        # rank 0 alone evaluates and writes checkpoints at epoch ends while the others wait in
+        # their next all-reduce: allow that an hour instead of NCCL's default 10 minutes
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1),
                                 device_id=device if device.type == "cuda" else None)
     return rank, world, device
 
