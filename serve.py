@@ -838,6 +838,7 @@ def main(argv=None):
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:  %(name)s %(message)s")
     if args.reload:
         del obj
+        logging.getLogger("watchfiles").setLevel(logging.WARNING)    # no line for every file saved
         for name, env, kind, _, _ in OPTIONS:           # the worker process reads its settings from here
             value = getattr(settings, name)
             os.environ[env] = ("1" if value else "") if kind is bool else str(value)
