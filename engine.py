@@ -156,15 +156,24 @@ class Engine:
                     self._flush()
                     return
                 new = self._admit()
+            joined = None
+            try:                                    # a failure here concerns the new jobs only
+                with torch.inference_mode():
+                    joined = self._prefill(new) if new else None
+            except Exception:
+                log.exception("prefill failed")
+                for job in new:
+                    if job.finish_reason is None:
+                        self._finish(job, "error")
             try:
                 with torch.inference_mode():
-                    if new:
-                        self._prefill(new)
+                    if joined:
+                        self._merge(*joined)
                     if self._running():
                         self._decode()
             except Exception:                       # a bug or out of memory: fail this batch, keep serving
                 log.exception("generation failed")
-                for job in {*new, *self._running()}:
+                for job in {*(joined[0] if joined else []), *self._running()} - {None}:
                     if job.finish_reason is None:
                         self._finish(job, "error")
                 self.rows, self.cache = [], None
@@ -190,8 +199,8 @@ class Engine:
         return new
 
     def _prefill(self, jobs: list[Job]):
-        """Encode the new jobs' images and prompts in one left-padded batch; sample each one's
-        first token; put the survivors into the running batch."""
+        """Encode the new jobs' images and prompts in one left-padded batch and sample each one's
+        first token. Returns _merge's arguments for the jobs that go on, or None."""
         now = time.monotonic()
         B, T = len(jobs), max(len(j.ids) for j in jobs)
         ids = torch.full((B, T), self.cfg.pad_token_id, dtype=torch.long)
@@ -219,18 +228,17 @@ class Engine:
         key_mask = am.bool()
         next_pos = positions[:, -1] + 1
         last = torch.tensor(toks, device=self.device)
-        if not self.elastic:
-            self.rows = [j if k else None for j, k in zip(jobs, keep)]
-            self.cache, self.key_mask, self.next_pos, self.last = cache, key_mask, next_pos, last
-            return
+        if not any(keep):
+            return None
+        if not self.elastic:                       # a fixed batch keeps finished rows (as None)
+            return [j if k else None for j, k in zip(jobs, keep)], cache, key_mask, next_pos, last
         idx = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=self.device)
-        if len(idx) == 0:
-            return
         cache.k, cache.v = cache.k.index_select(1, idx), cache.v.index_select(1, idx)
-        self._merge([jobs[i] for i in idx.tolist()], cache, key_mask[idx], next_pos[idx], last[idx])
+        return [jobs[i] for i in idx.tolist()], cache, key_mask[idx], next_pos[idx], last[idx]
 
-    def _merge(self, jobs, cache: RowCache, key_mask, next_pos, last):
-        """Join prefilled rows to the running batch, right-aligning both caches."""
+    def _merge(self, jobs, cache, key_mask, next_pos, last):
+        """Join prefilled rows to the running batch, right-aligning both caches (an empty batch,
+        which is the only case for a fixed batch, simply takes them)."""
         if not self.rows:
             self.rows, self.cache, self.key_mask, self.next_pos, self.last = jobs, cache, key_mask, next_pos, last
             return

@@ -198,3 +198,24 @@ def test_a_failing_step_fails_its_jobs_and_the_engine_keeps_serving(model, tok):
         engine.close()
     assert failed.finish_reason == "error"
     assert ok.finish_reason == "length" and len(ok.tokens) == 5
+
+
+def test_a_bad_new_job_fails_alone(model, tok):
+    """A job whose prefill fails (here: image tokens but no image) ends with 'error'; the jobs
+    already decoding go on untouched."""
+    ids = prompt(tok, model, "描述这张图片", with_image=False)
+    sink = Collect()
+    engine = Engine(model, {tok.eos_id}, publish=sink).start()
+    try:
+        running = Job(ids, max_new_tokens=150, stream=True)
+        engine.submit(running)
+        with sink.cv:
+            sink.cv.wait_for(lambda: any(j is running for j, _, _ in sink.events), timeout=30)
+        bad = Job(prompt(tok, model, "描述这张图片", with_image=True), pixels=None, max_new_tokens=5)
+        engine.submit(bad)
+        sink.wait([bad, running])
+    finally:
+        engine.close()
+    assert bad.finish_reason == "error"
+    assert running.finish_reason in ("length", "stop") and running.t_end > bad.t_end
+    assert running.tokens == reference(model, ids, None, 150, {tok.eos_id})
