@@ -19,7 +19,7 @@ import re
 import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -67,9 +67,7 @@ def decode_image(src, size: int | None = None, max_pixels: int = MAX_PIXELS) -> 
     except Image.DecompressionBombError:
         raise BadImage("像素数超过上限") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        empty = (isinstance(src, (bytes, bytearray)) and not src) or (not isinstance(src, (bytes, bytearray))
-                                                                      and os.path.getsize(src) == 0)
-        raise BadImage("空文件（0 字节）" if empty else "不是可识别的图片") from None
+        raise BadImage("空文件（0 字节）" if size_of(src) == 0 else "不是可识别的图片") from None
     with im:
         w, h = im.size
         if w * h > max_pixels:
@@ -84,6 +82,15 @@ def decode_image(src, size: int | None = None, max_pixels: int = MAX_PIXELS) -> 
     if size and out.size != (size, size):
         out = out.resize((size, size), Image.BICUBIC, reducing_gap=3.0)   # as collate.image_to_tensor
     return out
+
+
+def size_of(src) -> int | None:
+    if isinstance(src, (bytes, bytearray)):
+        return len(src)
+    try:
+        return os.path.getsize(src)
+    except OSError:
+        return None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -2,7 +2,6 @@
 reasons, refused paths, caption formats and their error messages, per-epoch caption choice."""
 import io
 import json
-import random
 from pathlib import Path
 
 import numpy as np
