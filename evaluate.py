@@ -159,7 +159,8 @@ def print_table(results):
 def main(argv=None):
     from checkpoint import load_checkpoint
     from trainer import resolve_device
-    p = argparse.ArgumentParser(description="评估检查点：在合成测试场景上测描述精确匹配率、各属性准确率和问答准确率")
+    p = argparse.ArgumentParser(description="评估检查点：默认在合成测试场景上测描述精确匹配率、各属性准确率和问答准确率；"
+                                "给出 --data-path 或 --dataset-name 时改为在真实图片上算 BLEU-4 和 CIDEr-D")
     p.add_argument("--checkpoint", default="checkpoints/vision_trained_model.pt", help="模型文件（默认 checkpoints/vision_trained_model.pt）")
     p.add_argument("--scenes", type=int, default=200, help="每个测试集的场景数（默认 200）")
     p.add_argument("--seed", type=int, default=0, help="测试场景的随机种子（默认 0）")
