@@ -312,10 +312,10 @@ class Mixture(torch.utils.data.Dataset):
 
     def perm(self, part: int, epoch: int):
         if (part, epoch) not in self._perm:
+            self._perm = {k: v for k, v in self._perm.items() if k[1] == epoch}     # this epoch's only
             g = torch.Generator().manual_seed(self.seed * 7919 + part * 104729 + epoch)
-            self._perm = {(part, epoch): torch.randperm(len(self.parts[part]), generator=g).tolist(),
-                          **{k: v for k, v in self._perm.items() if k[1] == epoch}}
-        return self._perm[(part, epoch)]
+            self._perm[part, epoch] = torch.randperm(len(self.parts[part]), generator=g).tolist()
+        return self._perm[part, epoch]
 
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
