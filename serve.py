@@ -196,6 +196,9 @@ MESSAGES = {
     "part": ("不支持的内容类型 {kind}：只支持 text 和 image_url。", "Unsupported content part type {kind}: use text or image_url."),
     "last_user": ("最后一条消息必须来自 user。", "The last message must come from the user."),
     "n": ("只支持 n=1。", "Only n=1 is supported."),
+    "unknown_field": ("未知字段 {param}。可用的字段：{allowed}。", "Unknown field {param}. The accepted fields are: {allowed}."),
+    "encoding": ("字段 {param} 含有无法编码为 UTF-8 的字符（如单独的代理项 \\ud800）。",
+                 "The field {param} contains characters that cannot be encoded as UTF-8 (such as a lone surrogate \\ud800)."),
     "json": ("请求体不是合法的 JSON 对象。", "The request body is not a valid JSON object."),
     "multipart": ("表单数据无法解析，请用 multipart/form-data 上传。", "The form data cannot be parsed; upload it as multipart/form-data."),
     "content_type": ("Content-Type 应为 {ctype}。", "Content-Type must be {ctype}."),
@@ -249,6 +252,78 @@ def language(request: Request) -> str:
         if code in ("zh", "en") and q > best_q:
             best, best_q = code, q
     return best
+
+
+# ----------------------------------------------------------------------------- OpenAPI (/openapi.json)
+# The endpoints parse their bodies by hand (for the error messages above); these schemas document
+# what they accept and answer, so clients and fuzzers (tests/test_fuzz.py) see the real contract.
+
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": "string"}}}}}
+USAGE_SCHEMA = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+                "properties": {k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+STREAM = {"text/event-stream": {"schema": {   # each server-sent event; its data is a JSON object or [DONE]
+    "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}}
+
+
+def api_docs(settings: Settings, body: dict | None = None, ok: dict | None = None, errors=(400, 413, 415, 503)) -> dict:
+    """Keyword arguments for app.get/app.post: the request body, the 200 answer and the errors."""
+    responses = {code: {"description": "错误", "content": {"application/json": {"schema": ERROR_SCHEMA}}} for code in errors}
+    if ok is not None:
+        responses[200] = {"description": "成功", "content": ok}
+    return {"responses": responses, **({"openapi_extra": {"requestBody": {"required": True, "content": body}}} if body else {})}
+
+
+def sampling_props(settings: Settings, max_param="max_new_tokens") -> dict:
+    props = {max_param: {"type": "integer", "minimum": 1, "maximum": settings.max_new_tokens},
+             "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+             "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+             "top_k": {"type": "integer", "minimum": 0}, "seed": {"type": "integer", "minimum": 0, "maximum": 2 ** 63 - 1},
+             "stream": {"type": "boolean"}}
+    return props
+
+
+def generate_docs(settings: Settings, form: bool) -> dict:
+    props = {"prompt": {"type": "string", "maxLength": settings.max_prompt_chars}, **sampling_props(settings)}
+    if form:
+        props["image"] = {"type": "string", "format": "binary"}
+        body = {"multipart/form-data": {"schema": {"type": "object", "required": ["prompt"], "properties": props,
+                                                   "additionalProperties": False}}}
+    else:
+        props["image"] = {"type": "string", "description": "base64 或 data:image/...;base64,... URL"}
+        body = {"application/json": {"schema": {"type": "object", "required": ["prompt"], "properties": props,
+                                                "additionalProperties": False}}}
+    ok = {"type": "object", "required": ["id", "object", "model", "text", "finish_reason", "usage"],
+          "properties": {"id": {"type": "string"}, "object": {"const": "generation"}, "model": {"type": "string"},
+                         "text": {"type": "string"}, "finish_reason": {"type": "string"}, "usage": USAGE_SCHEMA,
+                         "timings": {"type": "object"}}}
+    return api_docs(settings, body, {"application/json": {"schema": ok}, **STREAM})
+
+
+def chat_docs(settings: Settings) -> dict:
+    part = {"type": "object", "required": ["type"], "properties": {
+        "type": {"enum": ["text", "image_url"]}, "text": {"type": "string"},
+        "image_url": {"anyOf": [{"type": "string"}, {"type": "object", "required": ["url"],
+                                                     "properties": {"url": {"type": "string"}}}]}}}
+    message = {"type": "object", "required": ["role", "content"], "properties": {
+        "role": {"enum": ["system", "user", "assistant"]},
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": part}]}}}
+    props = {"model": {"type": "string"}, "messages": {"type": "array", "minItems": 1, "items": message},
+             "n": {"type": "integer", "minimum": 1, "maximum": 1},
+             "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+             **sampling_props(settings, "max_tokens"),
+             "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": settings.max_new_tokens}}
+    choice = {"type": "object", "required": ["index", "message", "finish_reason"], "properties": {
+        "index": {"type": "integer"}, "finish_reason": {"enum": ["stop", "length"]},
+        "message": {"type": "object", "required": ["role", "content"],
+                    "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}}}}
+    ok = {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"], "properties": {
+        "id": {"type": "string"}, "object": {"const": "chat.completion"}, "created": {"type": "integer"},
+        "model": {"type": "string"}, "choices": {"type": "array", "items": choice}, "usage": USAGE_SCHEMA}}
+    body = {"application/json": {"schema": {"type": "object", "required": ["messages"], "properties": props}}}
+    return api_docs(settings, body, {"application/json": {"schema": ok}, **STREAM})
 
 
 # ----------------------------------------------------------------------------- request parsing
@@ -309,7 +384,22 @@ def text(raw, param: str, required=True) -> str | None:
         return None
     if not isinstance(raw, str):
         raise ApiError(400, "type", param, expected="string")
+    try:
+        raw.encode("utf-8")                      # JSON may carry lone surrogates ("\ud800")
+    except UnicodeEncodeError:
+        raise ApiError(400, "encoding", param) from None
     return raw
+
+
+GENERATE_FIELDS = ("prompt", "image", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stream")
+
+
+def known_fields(names):
+    """/v1/generate and the form take no other fields: a misspelt one (max_tokens) is an error,
+    not a silently ignored setting."""
+    for name in names:
+        if name not in GENERATE_FIELDS:
+            raise ApiError(400, "unknown_field", str(name)[:100], allowed=", ".join(GENERATE_FIELDS))
 
 
 @dataclass
@@ -646,7 +736,8 @@ def create_app(settings: Settings, obj: dict | None = None) -> FastAPI:
         log.exception("request failed")
         return ApiError(500, "internal").response(language(request))
 
-    @app.get("/health")
+    @app.get("/health", **api_docs(settings, ok={"application/json": {"schema": {
+        "type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}}}, errors=(503,)))
     async def health(request: Request):
         if not srv.ready:
             return JSONResponse({"status": "loading", **busy("loading").payload(language(request))}, 503,
@@ -703,7 +794,7 @@ def create_app(settings: Settings, obj: dict | None = None) -> FastAPI:
                 job.cancel()                     # a no-op once finished; frees the slot if the client left
         return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
-    @app.post("/v1/generate-multipart")
+    @app.post("/v1/generate-multipart", **generate_docs(settings, form=True))
     async def generate_multipart(request: Request):
         srv.require_ready()
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -713,6 +804,7 @@ def create_app(settings: Settings, obj: dict | None = None) -> FastAPI:
             form = await request.form(max_files=MAX_IMAGES, max_fields=32)
         except Exception:
             raise ApiError(400, "multipart") from None
+        known_fields(form.keys())
         fields = {k: v for k, v in form.items() if isinstance(v, str)}
         prompt = text(fields.get("prompt"), "prompt")
         opt = sampling(fields, settings, srv.model.cfg.lm_vocab_size, from_form=True)
@@ -730,7 +822,7 @@ def create_app(settings: Settings, obj: dict | None = None) -> FastAPI:
         raw = await read_body(request, limit)
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):    # RecursionError: nested too deeply
             raise ApiError(400, "json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "json")
@@ -738,17 +830,18 @@ def create_app(settings: Settings, obj: dict | None = None) -> FastAPI:
 
     json_limit = lambda n: (settings.max_upload * 4 // 3 + 4) * n + 2 ** 20   # base64 of n images + text
 
-    @app.post("/v1/generate")
+    @app.post("/v1/generate", **generate_docs(settings, form=False))
     async def generate_json(request: Request):
         srv.require_ready()
         body = await json_body(request, json_limit(1))
+        known_fields(body)
         prompt = text(body.get("prompt"), "prompt")
         opt = sampling(body, settings, srv.model.cfg.lm_vocab_size)
         ref = text(body.get("image"), "image", required=False)
         blobs = [(image_bytes(ref, settings, "image"), "image")] if ref else []
         return await generate(request, prompt, blobs, opt)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **chat_docs(settings))
     async def chat(request: Request):
         srv.require_ready()
         body = await json_body(request, json_limit(MAX_IMAGES))

@@ -1,0 +1,194 @@
+"""A catalogue of hostile and malformed requests against a real serve.py on 127.0.0.1: every one
+gets a 4xx with the JSON error shape, none a 5xx, and the server stays ready afterwards."""
+import base64
+import io
+import json
+import struct
+import zlib
+
+import httpx
+import pytest
+from PIL import Image
+
+pytest.register_assert_rewrite("tests.serve_helpers")
+from tests.serve_helpers import scene_image
+
+pytest_plugins = ["tests.serve_helpers"]               # the shared `servers` fixture
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """8x8 pixels of data behind a header that says width x height."""
+    rows = b"".join(b"\0" + b"\0" * 8 for _ in range(8))
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + png_chunk(b"IDAT", zlib.compress(rows)) + png_chunk(b"IEND", b""))
+
+
+def png_bomb(side=20000) -> bytes:
+    """A real, complete 20000x20000 1-bit black PNG: 50 MB of pixels in ~50 KB of file."""
+    row = b"\0" * (1 + side // 8)
+    z = zlib.compressobj(9)
+    data = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b""))
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def animated(fmt: str) -> bytes:
+    a, b = Image.new("RGB", (16, 16), "red"), Image.new("RGB", (16, 16), "blue")
+    return encode(a, fmt, save_all=True, append_images=[b], duration=100, loop=0)
+
+
+PNG = scene_image(fmt="PNG")
+NOISY = encode(Image.frombytes("RGB", (96, 96), bytes(range(256)) * 108), "JPEG")
+
+
+def form(image=None, filename="x.png", **fields):
+    data = {"prompt": "描述这张图片", "max_new_tokens": "2", **fields}
+    data = {k: v for k, v in data.items() if v is not None}
+    return dict(files={"image": (filename, image, "image/png")} if image is not None else None, data=data)
+
+
+def raw_form(parts: list[tuple[str, bytes, str | None]]) -> dict:
+    """A multipart body built by hand (for bytes no client library would send)."""
+    out = b""
+    for name, value, filename in parts:
+        disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += b"--XyZ\r\nContent-Disposition: " + disp.encode() + b"\r\n\r\n" + value + b"\r\n"
+    return dict(content=out + b"--XyZ--\r\n", headers={"content-type": "multipart/form-data; boundary=XyZ"})
+
+
+def gen(**body):
+    return dict(json={"prompt": "描述这张图片", "max_new_tokens": 2, **body})
+
+
+def raw_json(text: bytes | str, ctype="application/json"):
+    return dict(content=text.encode() if isinstance(text, str) else text, headers={"content-type": ctype})
+
+
+def chat(content, **extra):
+    return dict(json={"messages": [{"role": "user", "content": content}], "max_tokens": 2, **extra})
+
+
+def image_part(url: str):
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def data_url(data: bytes, mime="image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+MP, GEN, CHAT = "/v1/generate-multipart", "/v1/generate", "/v1/chat/completions"
+CATALOGUE = [  # (id, method, path, request kwargs, expected status, expected code)
+    # uploads
+    ("text-as-image", "POST", MP, lambda: form(b"just some text, not a picture"), 400, "image_unreadable"),
+    ("zero-byte-image", "POST", MP, lambda: form(b""), 400, "image_unreadable"),
+    ("truncated-png", "POST", MP, lambda: form(PNG[:len(PNG) // 2]), 400, "image_broken"),
+    ("truncated-jpeg", "POST", MP, lambda: form(NOISY[:len(NOISY) // 3]), 400, "image_broken"),
+    ("png-header-20000x20000", "POST", MP, lambda: form(png_claiming(20000, 20000)), 400, "image_pixels"),
+    ("png-bomb-20000x20000", "POST", MP, lambda: form(png_bomb()), 400, "image_pixels"),
+    ("upload-over-limit", "POST", MP, lambda: form(b"\0" * (21 * 2 ** 20)), 413, "body_too_large"),
+    ("animated-gif", "POST", MP, lambda: form(animated("GIF")), 415, "image_animated"),
+    ("animated-png", "POST", MP, lambda: form(animated("PNG")), 415, "image_animated"),
+    ("multi-page-tiff", "POST", MP, lambda: form(animated("TIFF")), 415, "image_format"),
+    ("html-named-png", "POST", MP, lambda: form(b"<html><script>alert(1)</script></html>", "a.png"), 400, "image_unreadable"),
+    ("five-images", "POST", MP, lambda: dict(files=[("image", ("a.png", PNG, "image/png"))] * 5,
+                                                data={"prompt": "x"}), 400, "multipart"),
+    ("image-as-text-field", "POST", MP, lambda: raw_form([("prompt", b"x", None), ("image", b"not a file", None)]), 400, "type"),
+    ("missing-prompt-form", "POST", MP, lambda: form(PNG, prompt=None), 400, "missing"),
+    ("extra-form-field", "POST", MP, lambda: form(PNG, max_tokens="5"), 400, "unknown_field"),
+    ("extra-file-field", "POST", MP, lambda: raw_form([("prompt", b"x", None), ("payload", b"MZ\x90\0", "a.exe")]), 400, "unknown_field"),
+    ("broken-multipart", "POST", MP, lambda: raw_json(b"--XyZ\r\nContent-Disp", "multipart/form-data; boundary=XyZ"), 400, "missing"),
+    ("multipart-without-boundary", "POST", MP, lambda: raw_json(b"prompt=x", "multipart/form-data"), 400, "multipart"),
+    ("max-new-tokens-0-form", "POST", MP, lambda: form(PNG, max_new_tokens="0"), 400, "range"),
+    ("temperature-nan-form", "POST", MP, lambda: form(PNG, temperature="nan"), 400, "range"),
+    # JSON /v1/generate
+    ("max-new-tokens-0", "POST", GEN, lambda: gen(max_new_tokens=0), 400, "range"),
+    ("max-new-tokens-negative", "POST", GEN, lambda: gen(max_new_tokens=-1), 400, "range"),
+    ("max-new-tokens-1e9", "POST", GEN, lambda: gen(max_new_tokens=10 ** 9), 400, "range"),
+    ("max-new-tokens-string", "POST", GEN, lambda: gen(max_new_tokens="5"), 400, "type"),
+    ("max-new-tokens-fraction", "POST", GEN, lambda: gen(max_new_tokens=2.5), 400, "type"),
+    ("max-new-tokens-bool", "POST", GEN, lambda: gen(max_new_tokens=True), 400, "type"),
+    ("temperature-nan", "POST", GEN, lambda: raw_json('{"prompt": "x", "temperature": NaN}'), 400, "range"),
+    ("temperature-infinity", "POST", GEN, lambda: raw_json('{"prompt": "x", "temperature": Infinity}'), 400, "range"),
+    ("temperature-negative", "POST", GEN, lambda: gen(temperature=-0.5), 400, "range"),
+    ("top-k-huge", "POST", GEN, lambda: gen(top_k=10 ** 30), 400, "range"),
+    ("seed-negative", "POST", GEN, lambda: gen(seed=-5), 400, "range"),
+    ("prompt-1mb", "POST", GEN, lambda: gen(prompt="图" * 2 ** 20), 400, "prompt_chars"),
+    ("prompt-number", "POST", GEN, lambda: gen(prompt=42), 400, "type"),
+    ("prompt-object", "POST", GEN, lambda: gen(prompt={"text": "x"}), 400, "type"),
+    ("prompt-null", "POST", GEN, lambda: gen(prompt=None), 400, "missing"),
+    ("extra-json-field", "POST", GEN, lambda: gen(max_tokens=5), 400, "unknown_field"),
+    ("invalid-utf8-body", "POST", GEN, lambda: raw_json(b'{"prompt": "\xff\xfe"}'), 400, "json"),
+    ("lone-surrogate-prompt", "POST", GEN, lambda: raw_json('{"prompt": "\\ud800 x"}'), 400, "encoding"),
+    ("deeply-nested-json", "POST", GEN, lambda: raw_json("[" * 100_000 + "]" * 100_000), 400, "json"),
+    ("deeply-nested-field", "POST", GEN, lambda: raw_json('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"), 400, "json"),
+    ("json-array-body", "POST", GEN, lambda: raw_json("[1, 2]"), 400, "json"),
+    ("empty-body", "POST", GEN, lambda: raw_json(b""), 400, "json"),
+    ("bad-base64", "POST", GEN, lambda: gen(image="!!!not base64!!!"), 400, "image_base64"),
+    ("data-url-not-base64", "POST", GEN, lambda: gen(image="data:image/png,rawbytes"), 400, "image_base64"),
+    ("data-url-without-comma", "POST", GEN, lambda: gen(image="data:image/png;base64"), 400, "image_base64"),
+    ("data-url-of-text", "POST", GEN, lambda: gen(image=data_url(b"#!/bin/sh\nrm -rf /\n", "image/png")), 400, "image_unreadable"),
+    ("file-url", "POST", GEN, lambda: gen(image="file:///etc/passwd"), 400, "image_url"),
+    ("remote-url", "POST", GEN, lambda: gen(image="http://169.254.169.254/latest/meta-data"), 400, "remote_disabled"),
+    ("image-number", "POST", GEN, lambda: gen(image=123), 400, "type"),
+    ("text-plain", "POST", GEN, lambda: raw_json(b'{"prompt": "x"}', "text/plain"), 415, "content_type"),
+    ("form-urlencoded", "POST", GEN, lambda: raw_json(b"prompt=x", "application/x-www-form-urlencoded"), 415, "content_type"),
+    # chat
+    ("messages-string", "POST", CHAT, lambda: dict(json={"messages": "hi"}), 400, "type"),
+    ("messages-empty", "POST", CHAT, lambda: dict(json={"messages": []}), 400, "type"),
+    ("message-number", "POST", CHAT, lambda: dict(json={"messages": [7]}), 400, "type"),
+    ("content-number", "POST", CHAT, lambda: chat(12), 400, "type"),
+    ("part-without-type", "POST", CHAT, lambda: chat([{"text": "x"}]), 400, "part"),
+    ("image-url-missing", "POST", CHAT, lambda: chat([{"type": "image_url"}]), 400, "missing"),
+    ("gopher-url", "POST", CHAT, lambda: chat([image_part("gopher://127.0.0.1:70/x")]), 400, "image_url"),
+    ("remote-url-chat", "POST", CHAT, lambda: chat([image_part("https://example.com/a.png")]), 400, "remote_disabled"),
+    ("five-images-chat", "POST", CHAT, lambda: chat([image_part(data_url(PNG))] * 5), 400, "too_many_images"),
+    ("max-tokens-1e9-chat", "POST", CHAT, lambda: chat("hi", max_tokens=10 ** 9), 400, "range"),
+    ("temperature-string-chat", "POST", CHAT, lambda: chat("hi", temperature="hot"), 400, "type"),
+    # routing
+    ("unknown-path", "GET", "/v1/../../etc/passwd", lambda: {}, 404, "not_found"),
+    ("wrong-method", "DELETE", GEN, lambda: {}, 405, "method"),
+]
+
+
+@pytest.fixture(scope="module")
+def answers(servers):
+    """Every catalogue request once, in order; then /health."""
+    out = {}
+    with httpx.Client(base_url=servers.base, timeout=60) as c:
+        for name, method, path, make, *_ in CATALOGUE:
+            out[name] = c.request(method, path, **make())
+        out["/health"] = c.get("/health")
+    return out
+
+
+def test_catalogue_is_large_enough():
+    assert len(CATALOGUE) >= 30 and len({c[0] for c in CATALOGUE}) == len(CATALOGUE)
+
+
+@pytest.mark.parametrize("name, status, code", [(c[0], c[4], c[5]) for c in CATALOGUE], ids=[c[0] for c in CATALOGUE])
+def test_hostile_request_gets_a_4xx_json_error(answers, name, status, code):
+    r = answers[name]
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:500])
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    assert (r.status_code, err["code"]) == (status, code), err
+
+
+def test_server_is_still_ready_after_the_catalogue(answers, servers):
+    r = answers["/health"]
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert r.json()["engine"]["active"] == 0
+    ok = httpx.post(servers.base + GEN, json={"prompt": "描述这张图片", "max_new_tokens": 2,
+                                              "image": data_url(PNG)}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
