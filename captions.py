@@ -30,6 +30,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from errors import UserError
 
 MAX_PIXELS = 50_000_000                  # refused from the header, before any decoding
+# Formats decoded at all. Others are "not an image" whatever the extension says: PIL's EPS reader
+# would hand the file to Ghostscript, and rare formats are rarely audited parsers.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")   # JPEG covers MPO (camera) files
 PARQUET_REVISION = "refs/convert/parquet"
 # hub data sets that are loading scripts; datasets >= 4 refuses those, their parquet copy loads
 SCRIPT_DATASETS = {"nlphuji/flickr30k", "nlphuji/flickr8k", "nlphuji/flickr_1k_test_image_text_retrieval"}
@@ -61,7 +64,7 @@ def decode_image(src, size: int | None = None, max_pixels: int = MAX_PIXELS) -> 
     JPEGs are decoded at 1/2..1/8 scale straight away (draft mode) when that still covers `size`.
     Palette/RGBA/grayscale/16-bit/CMYK become RGB (transparency over white); GIFs give frame 1."""
     try:
-        im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
+        im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src, formats=IMAGE_FORMATS)
     except FileNotFoundError:
         raise BadImage("文件不存在") from None
     except Image.DecompressionBombError:
