@@ -10,8 +10,10 @@ the named source again; either kind loads with load_checkpoint.
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -36,6 +38,7 @@ def atomic_save(obj, path: str | Path):
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
             with open(tmp, "wb") as f:
@@ -43,23 +46,68 @@ def atomic_save(obj, path: str | Path):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            sync_folder(path.parent)
         finally:
             tmp.unlink(missing_ok=True)
     except OSError as e:
-        raise UserError(f"无法写入检查点 {path}：{e.strerror or e}。请检查磁盘空间和文件夹写权限；"
+        raise UserError(f"无法写入检查点 {path}：{os_reason(e)}。请检查磁盘空间和文件夹写权限；"
                         f"之前保存的检查点未受影响。") from e
 
 
-def check_writable(path: str | Path):
-    """Fail before training starts, not hours later, if the output folder can't take a file."""
+def remove_stale_temps(path: Path):
+    """Temp files of writers that were killed mid-write (SIGKILL, power loss) would otherwise
+    pile up beside the checkpoint, each as big as a checkpoint."""
+    for tmp in path.parent.glob(f".{path.name}.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sync_folder(folder: Path):
+    """Make the rename itself durable (POSIX); not possible on Windows, where it is skipped."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+OS_REASONS = {errno.ENOSPC: "磁盘已满", errno.EDQUOT: "超出磁盘配额", errno.EROFS: "文件系统是只读的",
+              errno.EACCES: "没有写权限", errno.EPERM: "没有写权限"}
+
+
+def os_reason(e: OSError) -> str:
+    reason = OS_REASONS.get(e.errno)
+    return f"{reason}（{e.strerror}）" if reason else str(e.strerror or e)
+
+
+def check_writable(path: str | Path, need_bytes: int = 0):
+    """Fail before training starts, not hours later, if the output folder can't take a file
+    (read-only, no permission) or has less free space than one file of `need_bytes`."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = path.with_name(f".{path.name}.probe{os.getpid()}")
         probe.write_bytes(b"ok")
         probe.unlink()
+        free = shutil.disk_usage(path.parent).free
     except OSError as e:
-        raise UserError(f"输出位置 {path.parent} 不可写：{e.strerror or e}。请换一个 --output 路径。") from e
+        raise UserError(f"输出位置 {path.parent} 不可写：{os_reason(e)}。请换一个 --output 路径。") from e
+    if free < need_bytes:
+        raise UserError(f"输出位置 {path.parent} 只剩 {free / 2 ** 20:.1f} MB 可用，保存一次断点就需要约 "
+                        f"{need_bytes / 2 ** 20:.1f} MB。请清理磁盘，或换一个 --output 路径。")
 
 
 def uses_backbones(model: VLM) -> bool:
@@ -127,7 +175,11 @@ def restore_weights(model: VLM, obj: dict, path="检查点"):
     if "backbones" in obj:
         import backbones
         return backbones.restore_weights(model, obj, path)
-    model.load_state_dict(obj["model"])
+    try:
+        model.load_state_dict(obj["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path} 的权重与当前模型结构不符（例如 --preset 或 --checkpoint 与保存时不同）："
+                        f"{str(e).splitlines()[-1].strip()}。请用与保存时相同的参数运行。") from e
 
 
 def load_checkpoint(path, device="cpu") -> tuple[VLM, Tokenizer, dict]:

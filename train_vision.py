@@ -7,7 +7,10 @@ them and answer questions about them; it is saved to checkpoints/vision_trained_
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+
+import torch
 
 import scenes
 from checkpoint import load_checkpoint
@@ -40,6 +43,7 @@ def main(argv=None):
     resolve_device(a.device)                      # fail on a bad --device before any work
     if a.train_size < 1 or a.val_size < 0 or a.eval_scenes < 0:
         raise UserError("--train-size 必须为正数，--val-size 和 --eval-scenes 不能为负数。")
+    torch.manual_seed(a.seed)                     # the same --seed builds the same initial weights
     if a.checkpoint:
         model, tok, meta = load_checkpoint(a.checkpoint)
         mcfg = model.cfg
@@ -69,8 +73,9 @@ def main(argv=None):
         trainer.fit()
     except TrainingInterrupted as e:
         if trainer.is_main:
-            print(f"\n训练已暂停，断点已保存到 {e}。继续训练：python train_vision.py --resume"
-                  f"{'' if a.output == cfg.output else ''} --output {a.output}", file=sys.stderr)
+            again = [x for x in (sys.argv[1:] if argv is None else argv) if x != "--resume"]
+            print(f"\n训练已暂停，断点已保存到 {e}。继续训练：python train_vision.py {shlex.join(again + ['--resume'])}",
+                  file=sys.stderr)
         sys.exit(130)
     if not trainer.is_main:                       # under torchrun: rank 0 alone reports and evaluates
         return

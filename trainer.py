@@ -351,6 +351,8 @@ class Trainer:
             self.scaler.update()
             self.skipped += 1
             self.bad_steps += 1
+            if self.is_main and self.dtype != torch.float16:     # fp16 loss scaling skips a few steps by design
+                self.log(f"第 {self.step + 1} 步的损失或梯度是 NaN/Inf，已跳过这一步（本次训练共跳过 {self.skipped} 步）。")
             if self.bad_steps >= self.cfg.max_bad_steps and self.dtype != torch.float16:
                 raise UserError(f"连续 {self.bad_steps} 步出现 NaN/Inf 损失或梯度，训练已停止；上一个好的检查点未被改动。"
                                 f"请降低 --lr 或检查数据。")
@@ -389,6 +391,16 @@ class Trainer:
                 "seen_in_epoch": self.seen_in_epoch, "world_size": self.world, "best": self.best, "skipped": self.skipped, "rng": rng_state(),
                 "train_config": asdict(self.cfg)}
 
+    def resume_bytes(self) -> int:
+        """A lower bound on the size of one resume-state file: the stored weights plus AdamW's two
+        moments per trained parameter (frozen backbone weights of a "delta" checkpoint are not stored)."""
+        trained = [p for g in self.opt.param_groups for p in g["params"]]
+        moments = 2 * sum(p.numel() * p.element_size() for p in trained)
+        if self.meta.get("weights") == "delta":
+            return moments + sum(p.numel() * p.element_size() for p in trained)
+        modules = [self.model] + ([self.aux] if self.aux is not None else [])
+        return moments + sum(v.numel() * v.element_size() for m in modules for v in m.state_dict().values())
+
     def save_resume(self):
         if self.is_main:
             atomic_save(self.state(), resume_path(self.cfg.output))
@@ -401,7 +413,7 @@ class Trainer:
         saved = obj["train_config"]
         if saved["batch_size"] != self.cfg.batch_size:
             raise UserError(f"断点用的是 --batch-size {saved['batch_size']}（每个进程），继续训练时必须相同。")
-        restore_weights(self.model, obj["checkpoint"])
+        restore_weights(self.model, obj["checkpoint"], path)
         if self.aux is not None and obj["aux"] is not None:
             self.aux.load_state_dict(obj["aux"])
         self.opt.load_state_dict(obj["optimizer"])
@@ -436,7 +448,7 @@ class Trainer:
     def fit(self):
         cfg = self.cfg
         if self.is_main:
-            check_writable(cfg.output)
+            check_writable(cfg.output, self.resume_bytes())
         if cfg.resume:
             self.load_resume()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
