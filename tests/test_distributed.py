@@ -3,9 +3,11 @@
 The same file is the worker torchrun starts (see `worker()` at the bottom)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -72,7 +74,17 @@ def test_streamed_rows_are_split_between_ranks(shards):
     assert seen[0] | seen[1] == {f"photo {i}" for i in range(8)}
 
 
-def test_two_processes_train_in_step_then_one_process_resumes(tok, tmp_path):
+@pytest.fixture
+def own_tmp():
+    """A private folder: on a machine shared by several pytest sessions, pytest's own tmp_path
+    of a long session can be rotated away by newer sessions while this test still needs it."""
+    path = Path(tempfile.mkdtemp(prefix="vlm-ddp-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_two_processes_train_in_step_then_one_process_resumes(tok, own_tmp):
+    tmp_path = own_tmp
     (tmp_path / "tok.json").write_text(tok.to_str(), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
