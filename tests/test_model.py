@@ -139,3 +139,21 @@ def test_positions_skip_left_padding():
     assert pos.tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
     assert mask[0, 0, 3].tolist() == [False, False, True, True]
     assert positions_and_mask(torch.ones(2, 3, dtype=torch.long), (2, 3))[1] is None
+
+
+def test_training_pass_skips_nothing_it_needs(tiny, tok):
+    """VLM.forward lets the last decoder block skip the positions before the first supervised
+    token; loss and logits must equal those taken from the full sequence (padded or not)."""
+    import torch.nn.functional as F
+    import scenes
+    data = scenes.SceneDataset(4, "train", 0, "zh", tiny.cfg.vit_image_size)
+    b = Collator(tok, tiny.cfg, train=True)([data[i] for i in range(4)])
+    keep = b["labels"][:, 1:] != -100
+    assert int(keep.any(0).nonzero()[0]) > tiny.cfg.image_tokens       # the skip really happens
+    for am in (None, b["attention_mask"]):
+        loss, logits = tiny(b["input_ids"], b["pixels"], b["labels"], am)
+        positions, mask = positions_and_mask(am, b["input_ids"].shape)
+        h = tiny.lm(tiny.embed(b["input_ids"], b["pixels"]), positions, mask)   # every position
+        full = tiny.lm.logits(h[:, :-1][keep])
+        torch.testing.assert_close(logits, full)
+        torch.testing.assert_close(loss, F.cross_entropy(full, b["labels"][:, 1:][keep]))
