@@ -84,7 +84,7 @@ def evaluate_scenes(model, tokenizer, count=200, split="test", seed=0, lang="zh"
     for i, (objs, im) in enumerate(zip(objs_list, images)):
         rng = random.Random(f"qa/{seed}/{i}")
         by_kind = {}
-        for kind, q, a in scenes.questions(objs, lang):
+        for kind, q, a, _ in scenes.questions(objs, lang):
             by_kind.setdefault(kind, []).append((q, a))
         for kind, qas in sorted(by_kind.items()):
             q, a = rng.choice(qas)

@@ -69,8 +69,9 @@ PRESETS = {
     # smoke tests: seconds per epoch, learns nothing useful
     "micro": dict(vit_image_size=32, vit_patch_size=8, vit_dim=32, vit_layers=1, vit_heads=2,
                   lm_dim=32, lm_layers=1, lm_heads=2, lm_kv_heads=2, lm_hidden=64),
-    # CPU demo on synthetic scenes: a few minutes on 2 cores
-    "tiny": dict(),
+    # CPU demo on synthetic scenes: a few minutes on 2 cores. One 24-px patch per grid cell keeps
+    # the language model's sequence short (9 image tokens), which is where a CPU's time goes.
+    "tiny": dict(vit_image_size=72, vit_patch_size=24, lm_heads=8, lm_kv_heads=8, lm_hidden=512),
     # from-scratch run on one GPU
     "small": dict(vit_image_size=224, vit_patch_size=16, vit_dim=384, vit_layers=6, vit_heads=6,
                   lm_vocab_size=8192, lm_dim=512, lm_layers=8, lm_heads=8, lm_kv_heads=8,
@@ -352,9 +353,9 @@ def positions_and_mask(attention_mask, shape):
 
 def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
     """Next token from logits (B, V): greedy at temperature 0, else top-k / nucleus sampling."""
-    if temperature <= 0:
+    if temperature < 1e-4:                      # 0 = greedy; a tinier temperature would overflow to inf/NaN
         return logits.argmax(-1)
-    logits = logits / temperature
+    logits = logits.float() / temperature       # in fp32: bf16/fp16 logits over a small temperature overflow
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -111,11 +111,12 @@ def caption(objs, lang: str = "zh") -> str:
 
 
 def questions(objs, lang: str = "zh"):
-    """Every question this scene can answer, as (kind, question, answer)."""
+    """Every question this scene can answer, as (kind, question, answer, about_something):
+    the last is False when the answer is "there is none" (an empty cell, an absent shape)."""
     by_cell = {o.cell: o for o in objs}
     zh = lang == "zh"
     out = [("count", "图中有几个形状？" if zh else "How many shapes are there?",
-            f"{COUNT_ZH[len(objs)]}个。" if zh else f"{COUNT_EN[len(objs)].capitalize()}.")]
+            f"{COUNT_ZH[len(objs)]}个。" if zh else f"{COUNT_EN[len(objs)].capitalize()}.", True)]
     for s in SHAPES:
         matches = [o for o in objs if o.shape == s]
         if len(matches) > 1:
@@ -126,15 +127,15 @@ def questions(objs, lang: str = "zh"):
             a = f"{COLOURS_ZH[c]}。" if zh else f"{c.capitalize()}."
         else:
             a = f"图中没有{SHAPES_ZH[s]}。" if zh else f"There is no {s}."
-        out.append(("colour", q, a))
+        out.append(("colour", q, a, bool(matches)))
     for cell in range(9):
         o = by_cell.get(cell)
         pz, pe = POSITIONS_ZH[cell], POSITIONS[cell]
         none = f"{pz}没有形状。" if zh else f"There is nothing at the {pe}."
         out.append(("shape", f"{pz}是什么形状？" if zh else f"What shape is at the {pe}?",
-                    (f"{SHAPES_ZH[o.shape]}。" if zh else f"A {o.shape}.") if o else none))
+                    (f"{SHAPES_ZH[o.shape]}。" if zh else f"A {o.shape}.") if o else none, o is not None))
         out.append(("object", f"{pz}有什么？" if zh else f"What is at the {pe}?",
-                    (f"一个{name(o, lang)}。" if zh else f"A {name(o, lang)}.") if o else none))
+                    (f"一个{name(o, lang)}。" if zh else f"A {name(o, lang)}.") if o else none, o is not None))
     return out
 
 
@@ -179,13 +180,29 @@ class SceneDataset(torch.utils.data.Dataset):
         objs, rng = make_scene(self.seed, self.split, i)
         image = render(objs, rng, self.image_size)
         task = random.Random(f"{self.seed}/{self.split}/{i}/task/{epoch}")
-        qas = [(q, a) for _, q, a in questions(objs, self.lang)]
-        turns = [(task.choice(CAPTION_PROMPTS[self.lang]), caption(objs, self.lang))] + task.sample(qas, 3)
+        turns = [(task.choice(CAPTION_PROMPTS[self.lang]), caption(objs, self.lang))]
+        turns += pick_questions(objs, task, self.lang, 3)
         chosen = task.sample(turns, task.randint(1, self.max_turns))
         messages = []
         for q, a in chosen:
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         return {"image": image, "messages": messages, "cells": cell_labels(objs)}
+
+
+def pick_questions(objs, rng: random.Random, lang: str, k: int):
+    """k different questions, balanced: each kind equally likely, and within a kind questions
+    about something present as likely as "is there anything at X?" with the answer no
+    (most cells are empty, so uniform sampling would teach the model to answer "nothing")."""
+    groups = {}
+    for kind, q, a, present in questions(objs, lang):
+        groups.setdefault(kind, {}).setdefault(present, []).append((q, a))
+    picked = []
+    while len(picked) < k:
+        by_answer = groups[rng.choice(sorted(groups))]
+        qa = rng.choice(by_answer[rng.choice(sorted(by_answer))])
+        if qa not in picked:
+            picked.append(qa)
+    return picked
 
 
 def cell_labels(objs) -> torch.Tensor:
@@ -199,16 +216,19 @@ def cell_labels(objs) -> torch.Tensor:
 
 
 class CellProbe(torch.nn.Module):
-    """Auxiliary training signal for the vision encoder (~2.5k parameters, not saved with the
-    model): pool the encoder's patch features into the 3x3 grid and predict each cell's shape
-    and colour. Without it the language model first learns the caption pattern and ignores the
-    image for a long, seed-dependent while; with it the encoder learns to see from the start.
+    """Auxiliary training signal for the vision encoder (a few thousand parameters, not saved
+    with the model). From the encoder's patch features it predicts, for each 3x3 cell, the shape
+    and colour there (features pooled per cell), and for each patch, which cell it lies in.
+    Without it the language model first learns the caption pattern and ignores the image for a
+    long, seed-dependent while; with it the encoder learns to see from the first steps, and
+    every patch keeps a readable "where am I" code, which the position words of a caption need.
     It reads the features through a forward hook, so the model's code stays untouched."""
 
     def __init__(self, vision: torch.nn.Module, vit_dim: int):
         super().__init__()
         self.shape = torch.nn.Linear(vit_dim, len(SHAPES) + 1)
         self.colour = torch.nn.Linear(vit_dim, len(COLOURS) + 1)
+        self.where = torch.nn.Linear(vit_dim, 9)
         self.feats = None
         vision.register_forward_hook(self._keep)
 
@@ -216,14 +236,17 @@ class CellProbe(torch.nn.Module):
         self.feats = output if module.training else None
 
     def forward(self, batch):                                  # feats (B, N, Dv), cells (B, 2, 9)
-        feats, cells = self.feats, batch["cells"]
+        feats, cells = self.feats.float(), batch["cells"]
         B, N, D = feats.shape
         g = math.isqrt(N)
-        pooled = torch.nn.functional.adaptive_avg_pool2d(
-            feats.transpose(1, 2).reshape(B, D, g, g).float(), 3).flatten(2).transpose(1, 2)  # (B, 9, D)
+        grid = feats.transpose(1, 2).reshape(B, D, g, g)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(grid, 3).flatten(2).transpose(1, 2)  # (B, 9, D)
+        rows = (torch.arange(g, device=feats.device) * 3 // g)                 # patch row -> cell row
+        cell_of_patch = (rows[:, None] * 3 + rows[None, :]).flatten().expand(B, N)
         ce = torch.nn.functional.cross_entropy
         return (ce(self.shape(pooled).flatten(0, 1), cells[:, 0].flatten())
-                + ce(self.colour(pooled).flatten(0, 1), cells[:, 1].flatten()))
+                + ce(self.colour(pooled).flatten(0, 1), cells[:, 1].flatten())
+                + ce(self.where(feats).flatten(0, 1), cell_of_patch.flatten()))
 
 
 def all_texts(lang: str = "zh"):
@@ -233,14 +256,14 @@ def all_texts(lang: str = "zh"):
     for i in range(3000):
         objs, _ = make_scene(0, "heldout" if i % 3 == 0 else "train", i)
         texts.append(caption(objs, lang))
-        texts += [q + a for _, q, a in questions(objs, lang)]
+        texts += [q + a for _, q, a, _ in questions(objs, lang)]
     rng.shuffle(texts)
     return texts
 
 
 # ----------------------------------------------------------------------------- export
 
-def export(out: Path, count: int, split: str = "train", seed: int = 0, lang: str = "zh", size: int = 64):
+def export(out: Path, count: int, split: str = "train", seed: int = 0, lang: str = "zh", size: int = 72):
     """Write images/, captions.json ({file: caption}) and metadata.jsonl (objects + Q&A)."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     captions, meta = {}, []
@@ -253,7 +276,7 @@ def export(out: Path, count: int, split: str = "train", seed: int = 0, lang: str
                      "objects": [{"shape": o.shape, "shape_zh": SHAPES_ZH[o.shape], "colour": o.colour,
                                   "colour_zh": COLOURS_ZH[o.colour], "position": POSITIONS[o.cell],
                                   "position_zh": POSITIONS_ZH[o.cell]} for o in objs],
-                     "qa": [{"question": q, "answer": a} for _, q, a in questions(objs, lang)]})
+                     "qa": [{"question": q, "answer": a} for _, q, a, _ in questions(objs, lang)]})
     (out / "captions.json").write_text(json.dumps(captions, ensure_ascii=False, indent=1), encoding="utf-8")
     with open(out / "metadata.jsonl", "w", encoding="utf-8") as f:
         for m in meta:
@@ -268,7 +291,7 @@ def main(argv=None):
                    help="train=训练集；test=测试集（已见组合）；heldout=含训练中从未出现的颜色+形状组合")
     p.add_argument("--seed", type=int, default=0, help="随机种子（默认 0）")
     p.add_argument("--lang", default="zh", choices=["zh", "en"], help="描述语言（默认 zh）")
-    p.add_argument("--size", type=int, default=64, help="图片边长（像素，默认 64）")
+    p.add_argument("--size", type=int, default=72, help="图片边长（像素，默认 72，与演示模型一致）")
     a = p.parse_args(argv)
     if a.count <= 0 or a.size < 16:
         p.exit(2, "错误：--count 必须为正数，--size 至少为 16。\n")

@@ -56,7 +56,7 @@ def requests_for(n: int, size: int) -> list[tuple[bytes, str]]:
         objs, rng = scenes.make_scene(123, "test", i)
         buf = io.BytesIO()
         scenes.render(objs, rng, size).save(buf, format="PNG")
-        qs = [q for _, q, _ in scenes.questions(objs, "zh")]
+        qs = [q for _, q, _, _ in scenes.questions(objs, "zh")]
         prompt = scenes.CAPTION_PROMPTS["zh"][i % 5] if i % 2 == 0 else qs[i % len(qs)]
         out.append((buf.getvalue(), prompt))
     return out

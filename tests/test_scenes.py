@@ -42,7 +42,7 @@ def test_caption_names_count_position_colour_shape_and_parses_back():
 
 def test_questions_cover_every_kind_with_right_answers():
     objs = [scenes.Obj("circle", "red", 0), scenes.Obj("circle", "green", 4), scenes.Obj("cross", "blue", 8)]
-    qa = {q: a for _, q, a in scenes.questions(objs)}
+    qa = {q: a for _, q, a, _ in scenes.questions(objs)}
     assert qa["图中有几个形状？"] == "三个。"
     assert qa["十字形是什么颜色的？"] == "蓝色。"
     assert "圆形是什么颜色的？" not in qa                  # ambiguous: two circles
