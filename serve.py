@@ -276,23 +276,25 @@ def api_docs(settings: Settings, body: dict | None = None, ok: dict | None = Non
     return {"responses": responses, **({"openapi_extra": {"requestBody": {"required": True, "content": body}}} if body else {})}
 
 
-def sampling_props(settings: Settings, max_param="max_new_tokens") -> dict:
+def sampling_props(settings: Settings, max_param="max_new_tokens", nullable=True) -> dict:
+    """In JSON an optional field may also be null, which means "not given" (as OpenAI clients send it)."""
     props = {max_param: {"type": "integer", "minimum": 1, "maximum": settings.max_new_tokens},
              "temperature": {"type": "number", "minimum": 0, "maximum": 2},
              "top_p": {"type": "number", "minimum": 0, "maximum": 1},
              "top_k": {"type": "integer", "minimum": 0}, "seed": {"type": "integer", "minimum": 0, "maximum": 2 ** 63 - 1},
              "stream": {"type": "boolean"}}
-    return props
+    return {k: {**v, "type": [v["type"], "null"]} for k, v in props.items()} if nullable else props
 
 
 def generate_docs(settings: Settings, form: bool) -> dict:
-    props = {"prompt": {"type": "string", "maxLength": settings.max_prompt_chars}, **sampling_props(settings)}
+    props = {"prompt": {"type": "string", "maxLength": settings.max_prompt_chars},
+             **sampling_props(settings, nullable=not form)}
     if form:
         props["image"] = {"type": "string", "format": "binary"}
         body = {"multipart/form-data": {"schema": {"type": "object", "required": ["prompt"], "properties": props,
                                                    "additionalProperties": False}}}
     else:
-        props["image"] = {"type": "string", "description": "base64 或 data:image/...;base64,... URL"}
+        props["image"] = {"type": ["string", "null"], "description": "base64 或 data:image/...;base64,... URL"}
         body = {"application/json": {"schema": {"type": "object", "required": ["prompt"], "properties": props,
                                                 "additionalProperties": False}}}
     ok = {"type": "object", "required": ["id", "object", "model", "text", "finish_reason", "usage"],
@@ -303,18 +305,22 @@ def generate_docs(settings: Settings, form: bool) -> dict:
 
 
 def chat_docs(settings: Settings) -> dict:
-    part = {"type": "object", "required": ["type"], "properties": {
-        "type": {"enum": ["text", "image_url"]}, "text": {"type": "string"},
-        "image_url": {"anyOf": [{"type": "string"}, {"type": "object", "required": ["url"],
-                                                     "properties": {"url": {"type": "string"}}}]}}}
+    part = {"anyOf": [
+        {"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}},
+        {"type": "object", "required": ["type", "image_url"], "properties": {
+            "type": {"const": "image_url"},
+            "image_url": {"anyOf": [{"type": "string"}, {"type": "object", "required": ["url"],
+                                                         "properties": {"url": {"type": "string"}}}]}}}]}
     message = {"type": "object", "required": ["role", "content"], "properties": {
         "role": {"enum": ["system", "user", "assistant"]},
         "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": part}]}}}
-    props = {"model": {"type": "string"}, "messages": {"type": "array", "minItems": 1, "items": message},
-             "n": {"type": "integer", "minimum": 1, "maximum": 1},
-             "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+    props = {"model": {"description": "不检查：这个服务只有一个模型"},
+             "messages": {"type": "array", "minItems": 1, "items": message},
+             "n": {"type": ["integer", "null"], "minimum": 1, "maximum": 1},
+             "stream_options": {"type": ["object", "null"],
+                                "properties": {"include_usage": {"type": ["boolean", "null"]}}},
              **sampling_props(settings, "max_tokens"),
-             "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": settings.max_new_tokens}}
+             "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": settings.max_new_tokens}}
     choice = {"type": "object", "required": ["index", "message", "finish_reason"], "properties": {
         "index": {"type": "integer"}, "finish_reason": {"enum": ["stop", "length"]},
         "message": {"type": "object", "required": ["role", "content"],
@@ -845,9 +851,16 @@ def create_app(settings: Settings, obj: dict | None = None) -> FastAPI:
     async def chat(request: Request):
         srv.require_ready()
         body = await json_body(request, json_limit(MAX_IMAGES))
-        if body.get("n") not in (None, 1):
+        if body.get("n") is not None and (isinstance(body["n"], bool) or body["n"] != 1):
             raise ApiError(400, "n", "n")
+        options = {} if body.get("stream_options") is None else body["stream_options"]
+        if not isinstance(options, dict):
+            raise ApiError(400, "type", "stream_options", expected="object")
+        include_usage = options.get("include_usage") is not None and boolean(options["include_usage"],
+                                                                             "stream_options.include_usage")
         key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        if key == "max_completion_tokens" and body.get("max_tokens") is not None:     # checked even when unused
+            number(body["max_tokens"], "max_tokens", int, 1, settings.max_new_tokens)
         opt = sampling(body, settings, srv.model.cfg.lm_vocab_size, max_param=key)
         turns, refs = chat_messages(body)
         blobs = [(await run_in_threadpool(image_bytes, ref, settings, where), where) for ref, where in refs]
@@ -865,7 +878,6 @@ def create_app(settings: Settings, obj: dict | None = None) -> FastAPI:
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": srv.tok.decode(job.tokens)},
                                  "finish_reason": reason(), "logprobs": None}],
                     "usage": usage(job)}
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         first = await srv.next_event(job, request)
         if first is None:
             return Response(status_code=499)
