@@ -48,8 +48,8 @@ serve-dev: $(STAMP)
 BENCH_THREADS ?= 1
 BENCH_TRAIN_FLAGS ?=
 bench: $(STAMP)
-	$(PY) bench/bench_train.py --threads $(BENCH_THREADS) $(BENCH_TRAIN_FLAGS)
-	$(PY) bench/bench_generate.py --threads $(BENCH_THREADS)
+	$(PY) bench/bench_train.py --threads $(BENCH_THREADS) $(BENCH_TRAIN_FLAGS) --out bench/results/train.json
+	$(PY) bench/bench_generate.py --threads $(BENCH_THREADS) --out bench/results/generate.json
 	$(PY) bench/bench_pipeline.py --threads $(BENCH_THREADS)
 	$(PY) bench/bench_serve.py
 

@@ -134,9 +134,13 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="设备 (默认: cpu)")
     p.add_argument("--threads", type=int, default=0, help="CPU 线程数，0 = torch 默认")
     p.add_argument("--json", action="store_true", help="只输出 JSON")
+    p.add_argument("--out", help="另把结果存成 JSON 文件")
     args = p.parse_args(argv)
     r = run(args)
     print(json.dumps(r, ensure_ascii=False)) if args.json else report(r)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(r, ensure_ascii=False, indent=1))
 
 
 if __name__ == "__main__":

@@ -312,6 +312,7 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="另测 torch.compile 后的本项目模型")
     p.add_argument("--hf-compile", action="store_true", help="另测 torch.compile 后的 transformers 模型")
     p.add_argument("--json", action="store_true", help="只输出 JSON")
+    p.add_argument("--out", help="另把结果存成 JSON 文件")
     p.add_argument("--memory-child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_child:
@@ -320,6 +321,9 @@ def main(argv=None):
         return
     r = run(args)
     print(json.dumps(r, ensure_ascii=False)) if args.json else report(r)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(r, ensure_ascii=False, indent=1))
 
 
 if __name__ == "__main__":
