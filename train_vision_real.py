@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 import backbones
 import captions
 from checkpoint import load_checkpoint
@@ -152,6 +154,7 @@ def main(argv=None):
         texts += [c for caps in val.captions for c in caps] if val else []
     if not texts:
         raise UserError("训练数据里没有任何描述文字。")
+    torch.manual_seed(a.seed)                     # the same --seed builds the same initial weights
     model, tok, meta = backbones.build(a, lambda: build_model(a, texts))   # --vision-encoder, HF LLMs, --train
     size = model.cfg.vit_image_size
     print(f"模型参数: 视觉编码器 {count_params(model.vision) / 1e6:.2f}M, 投影层 {count_params(model.projector) / 1e6:.2f}M, "

@@ -2,7 +2,6 @@
 gets a 4xx with the JSON error shape, none a 5xx, and the server stays ready afterwards."""
 import base64
 import io
-import json
 import struct
 import zlib
 

@@ -3,6 +3,7 @@ write, NaN/Inf steps, a full or read-only disk, and checkpoint files crafted to 
 
 The disk tests mount real tiny tmpfs file systems (root is needed: chmod does not stop root)."""
 import hashlib
+import json
 import os
 import pickle
 import signal
@@ -58,6 +59,17 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def small_trainer(tmp_path, tok, cls=Trainer, logs=None, **kw):
+    """2 epochs x 6 steps of a tiny model on synthetic scenes, resume state saved at epoch ends."""
+    torch.manual_seed(0)
+    cfg = tiny_config(tok)
+    model = VLM(cfg)
+    train = scenes.SceneDataset(48, "train", 0, "zh", cfg.vit_image_size)
+    tc = TrainConfig(**{**dict(epochs=2, batch_size=8, lr=3e-3, output=str(tmp_path / "m.pt"), precision="fp32",
+                               save_every=100, workers=0), **kw})
+    return cls(model, tok, train, Collator(tok, cfg), tc, log=(logs.append if logs is not None else lambda *a: None))
+
+
 # ----------------------------------------------------------------------------- crashes
 
 def test_killed_or_stopped_runs_resume_to_the_same_weights(tmp_path):
@@ -94,19 +106,15 @@ def test_killed_or_stopped_runs_resume_to_the_same_weights(tmp_path):
         assert_same_weights(runs["straight"], runs[name])
 
 
-def test_resume_with_other_model_flags_is_one_clear_message(tmp_path):
-    """A resume state of another model (here: --preset micro continued as the default preset)."""
-    out = tmp_path / "m.pt"
+def test_resume_with_other_model_flags_is_one_clear_message(tok, tmp_path):
+    """A resume state continued with another model (as --preset micro continued as tiny would)."""
     from checkpoint import atomic_save
-    torch.manual_seed(0)
-    tok = scenes_tokenizer()
-    model = VLM(tiny_config(tok))
-    t = Trainer(model, tok, scenes.SceneDataset(16, "train", 0, "zh", 16), Collator(tok, model.cfg),
-                TrainConfig(epochs=1, batch_size=8, output=str(out), precision="fp32", workers=0), log=lambda *a: None)
-    atomic_save(t.state(), out.with_name("m.resume.pt"))
+    t = small_trainer(tmp_path, tok)
+    atomic_save(t.state(), tmp_path / "m.resume.pt")
     other = VLM(tiny_config(tok, lm_dim=64))
     t2 = Trainer(other, tok, t.train_data, Collator(tok, other.cfg),
-                 TrainConfig(epochs=1, batch_size=8, output=str(out), precision="fp32", workers=0, resume=True))
+                 TrainConfig(epochs=1, batch_size=8, output=str(tmp_path / "m.pt"), precision="fp32", workers=0,
+                             resume=True))
     with pytest.raises(UserError, match="权重与当前模型结构不符.*相同的参数"):
         t2.fit()
 
@@ -151,27 +159,6 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_file_readable(tmp_pa
 
 # ----------------------------------------------------------------------------- numerical faults
 
-_TOK = {}
-
-
-def scenes_tokenizer():
-    if "tok" not in _TOK:
-        from tokenizer import Tokenizer
-        _TOK["tok"] = Tokenizer.train(scenes.all_texts("zh")[:2000], vocab_size=400)
-    return _TOK["tok"]
-
-
-def small_trainer(tmp_path, cls=Trainer, logs=None, **kw):
-    tok = scenes_tokenizer()
-    torch.manual_seed(0)
-    cfg = tiny_config(tok)
-    model = VLM(cfg)
-    train = scenes.SceneDataset(48, "train", 0, "zh", cfg.vit_image_size)
-    tc = TrainConfig(**{**dict(epochs=2, batch_size=8, lr=3e-3, output=str(tmp_path / "m.pt"), precision="fp32",
-                               save_every=100, workers=0), **kw})
-    return cls(model, tok, train, Collator(tok, cfg), tc, log=(logs.append if logs is not None else lambda *a: None))
-
-
 class FaultyTrainer(Trainer):
     """Test-only fault injection: the forward pass of chosen batches (counted from 1) returns a
     NaN loss, or its backward pass an infinite gradient; files on disk are fingerprinted when the
@@ -192,23 +179,22 @@ class FaultyTrainer(Trainer):
         return loss, lm_loss
 
 
-def test_nan_loss_and_inf_gradient_skip_the_step_counted_and_logged(tmp_path):
+def test_nan_loss_and_inf_gradient_skip_the_step_counted_and_logged(tok, tmp_path):
     logs = []
-    t = small_trainer(tmp_path, FaultyTrainer, logs)
+    t = small_trainer(tmp_path, tok, FaultyTrainer, logs)
     t.nan_steps, t.inf_steps = (2,), (4,)
     t.fit()
     assert t.skipped == 2 and t.step == 2 * 6 - 2                # 6 steps per epoch, two of them skipped
     skipped = [m for m in logs if "NaN/Inf" in m and "已跳过" in m]
     assert len(skipped) == 2 and "共跳过 2 步" in skipped[1], logs
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
-    import json
     log = [json.loads(l) for l in (tmp_path / "m.log.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in log] == [2, 2]
     assert all(torch.isfinite(v).all() for v in weights(tmp_path / "m.pt").values() if v.is_floating_point())
 
 
-def test_repeated_faults_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
-    t = small_trainer(tmp_path, FaultyTrainer, max_bad_steps=3)
+def test_repeated_faults_stop_the_run_and_keep_the_last_good_checkpoint(tok, tmp_path):
+    t = small_trainer(tmp_path, tok, FaultyTrainer, max_bad_steps=3)
     t.nan_from = 8                                               # epoch 2 (steps 7-12) turns bad at step 8
     with pytest.raises(UserError) as e:
         t.fit()
@@ -251,7 +237,7 @@ def fill(folder: Path):
 
 
 @pytest.mark.parametrize("fault, says", [("full", "磁盘已满"), ("read-only", "文件系统是只读的")])
-def test_disk_fault_mid_run_is_one_message_and_keeps_the_previous_checkpoint(tmp_path, mount, fault, says):
+def test_disk_fault_mid_run_is_one_message_and_keeps_the_previous_checkpoint(tok, tmp_path, mount, fault, says):
     fs = mount("16m")
     seen = {}
 
@@ -265,7 +251,7 @@ def test_disk_fault_mid_run_is_one_message_and_keeps_the_previous_checkpoint(tmp
                 else:
                     subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
 
-    t = small_trainer(tmp_path, DiskFaultTrainer, output=str(fs / "m.pt"))
+    t = small_trainer(tmp_path, tok, DiskFaultTrainer, output=str(fs / "m.pt"))
     t.on_epoch_end = t._on_epoch_end
     with pytest.raises(UserError) as e:
         t.fit()
@@ -278,15 +264,15 @@ def test_disk_fault_mid_run_is_one_message_and_keeps_the_previous_checkpoint(tmp
     assert read_file(fs / "m.resume.pt", "断点文件", "vlm-resume")["epoch"] == 1
 
 
-def test_unwritable_or_too_small_output_fails_before_the_first_step(tmp_path, mount):
+def test_unwritable_or_too_small_output_fails_before_the_first_step(tok, tmp_path, mount):
     ro = mount("1m")
     subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
-    t = small_trainer(tmp_path, output=str(ro / "m.pt"))
+    t = small_trainer(tmp_path, tok, output=str(ro / "m.pt"))
     with pytest.raises(UserError, match="不可写：文件系统是只读的"):
         t.fit()
     assert t.step == 0 and t.batch_in_epoch == 0
     small = mount("64k")
-    t = small_trainer(tmp_path, output=str(small / "m.pt"))
+    t = small_trainer(tmp_path, tok, output=str(small / "m.pt"))
     assert t.resume_bytes() > 64 * 1024
     with pytest.raises(UserError, match=r"只剩 0\.\d MB 可用，保存一次断点就需要约 \d+\.\d MB"):
         t.fit()
