@@ -161,12 +161,16 @@ CATALOGUE = [  # (id, method, path, request kwargs, expected status, expected co
 
 @pytest.fixture(scope="module")
 def answers(servers):
-    """Every catalogue request once, in order; then /health."""
+    """Every catalogue request once, in order (one keep-alive connection); then /health and
+    what the server logged meanwhile."""
     out = {}
+    log = servers.dir / "main.log"
+    start = log.stat().st_size
     with httpx.Client(base_url=servers.base, timeout=60) as c:
         for name, method, path, make, *_ in CATALOGUE:
             out[name] = c.request(method, path, **make())
         out["/health"] = c.get("/health")
+    out["log"] = log.read_bytes()[start:].decode(errors="replace")
     return out
 
 
@@ -187,6 +191,7 @@ def test_hostile_request_gets_a_4xx_json_error(answers, name, status, code):
 def test_server_is_still_ready_after_the_catalogue(answers, servers):
     r = answers["/health"]
     assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert "Traceback" not in answers["log"] and "request failed" not in answers["log"], answers["log"][-3000:]
     assert r.json()["engine"]["active"] == 0
     ok = httpx.post(servers.base + GEN, json={"prompt": "描述这张图片", "max_new_tokens": 2,
                                               "image": data_url(PNG)}, timeout=30)
