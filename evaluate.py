@@ -143,16 +143,21 @@ def evaluate_real(a, model, tok):
     return result
 
 
+def pad(text: str, width: int) -> str:
+    """Left-justify to a display width (CJK characters take two columns in a terminal)."""
+    return text + " " * max(0, width - sum(2 if ord(c) > 0x2e80 else 1 for c in text))
+
+
 def print_table(results):
     rows = [("精确匹配（描述完全正确）", "caption_exact"), ("形状数量", "count"), ("位置", "position"),
             ("颜色", "colour"), ("形状", "shape"), ("问答总体", "qa"), ("  问数量", "qa_count"),
             ("  问颜色", "qa_colour"), ("  问形状", "qa_shape"), ("  问位置上的物体", "qa_object"),
-            ("未见组合物体", "heldout_objects")]
+            ("未见组合的物体", "heldout_objects")]
     names = list(results)
-    print(f"{'指标':<22}" + "".join(f"{n:>16}" for n in names))
+    print(pad("指标", 28) + "".join(pad(n, 12) for n in names))
     for label, key in rows:
-        cells = [f"{results[n][key] * 100:15.1f}%" if key in results[n] else f"{'-':>16}" for n in names]
-        print(f"{label:<22}" + "".join(cells))
+        cells = [pad(f"{results[n][key] * 100:.1f}%" if key in results[n] else "-", 12) for n in names]
+        print(pad(label, 28) + "".join(cells))
 
 
 @cli
