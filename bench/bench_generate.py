@@ -11,7 +11,6 @@ token (prompt encoding + first sampled token).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import BENCH_SIZES, PRECISIONS, autocast, build_pair, sync  # noqa: E402
+from bench_train import BENCH_SIZES, PRECISIONS, autocast, build_pair, emit, sync  # noqa: E402
 
 QUESTION = 8                    # text tokens after the image
 
@@ -136,11 +135,7 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="只输出 JSON")
     p.add_argument("--out", help="另把结果存成 JSON 文件")
     args = p.parse_args(argv)
-    r = run(args)
-    print(json.dumps(r, ensure_ascii=False)) if args.json else report(r)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(r, ensure_ascii=False, indent=1))
+    emit(run(args), args, report)
 
 
 if __name__ == "__main__":

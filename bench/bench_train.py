@@ -319,7 +319,11 @@ def main(argv=None):
         peak = measure_memory(args.memory_child, BENCH_SIZES, args.batch, args.device, PRECISIONS[args.precision])
         print(json.dumps({"peak_mib": peak}))
         return
-    r = run(args)
+    emit(run(args), args, report)
+
+
+def emit(r: dict, args, report):
+    """Print the result (a table, or JSON with --json) and save it with --out."""
     print(json.dumps(r, ensure_ascii=False)) if args.json else report(r)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
