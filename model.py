@@ -150,11 +150,11 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def rope(positions, head_dim: int, theta: float):
-    """cos/sin tables (B, 1, T, head_dim) for integer positions (B, T), rotate-half layout."""
-    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    ang = positions.float()[..., None] * inv                     # (B, T, hd/2)
-    ang = torch.cat([ang, ang], -1)[:, None]                     # (B, 1, T, hd)
+def rope_table(max_len: int, head_dim: int, theta: float):
+    """cos/sin for every position < max_len: (max_len, head_dim) each, rotate-half layout."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    ang = torch.arange(max_len).float()[:, None] * inv           # (max_len, hd/2)
+    ang = torch.cat([ang, ang], -1)
     return ang.cos(), ang.sin()
 
 
@@ -212,7 +212,8 @@ class DecoderBlock(nn.Module):
         q = apply_rope(q.view(B, Tq, self.heads, self.hd).transpose(1, 2), cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        # no mask: causal over a fresh prompt; a single new token may see every cached key
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and Tq > 1,
                                            enable_gqa=self.kv_heads != self.heads)
         x = x + self.o(a.transpose(1, 2).reshape(B, Tq, D))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, -1)
@@ -226,14 +227,16 @@ class LanguageModel(nn.Module):
         self.embed = nn.Embedding(cfg.lm_vocab_size, cfg.lm_dim)
         self.blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.lm_layers))
         self.norm = RMSNorm(cfg.lm_dim, cfg.lm_norm_eps)
+        cos, sin = rope_table(cfg.lm_max_len, cfg.lm_dim // cfg.lm_heads, cfg.lm_rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # looked up, not recomputed, per step
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, x, positions, mask=None, cache: KVCache | None = None, q_from: int = 0):
         """x: (B, T, D) embeddings; positions: (B, T); mask: bool (B, 1, T, T_total) or None
         for plain causal attention. Returns final hidden states (B, T, D), or (B, T - q_from, D)
         for positions q_from.. only (the last block then skips the rest)."""
         T = x.shape[1]
-        cos, sin = rope(positions, self.cfg.lm_dim // self.cfg.lm_heads, self.cfg.lm_rope_theta)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        cos, sin = self.rope_cos[positions][:, None].to(x.dtype), self.rope_sin[positions][:, None].to(x.dtype)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, cache, i, q_from if i == len(self.blocks) - 1 else 0)
         if cache is not None:
@@ -317,6 +320,9 @@ class VLM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         stop = torch.tensor(sorted({self.cfg.eos_token_id, *(stop_ids or ())}), device=input_ids.device)
+        if isinstance(self.lm, LanguageModel) and T + max_new_tokens > self.cfg.lm_max_len:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"context of {self.cfg.lm_max_len} tokens")
         cache = self.lm.new_cache(B, T + max_new_tokens)
         x = self.embed(input_ids, pixels)
         key_mask = attention_mask.bool()
@@ -331,8 +337,10 @@ class VLM(nn.Module):
             done |= torch.isin(tok, stop)
             if bool(done.all()):
                 return
-            key_mask = torch.cat([key_mask, key_mask.new_ones(B, 1)], 1)
-            h = self.lm(self.lm.embed(tok[:, None]), next_pos[:, None], key_mask[:, None, None, :], cache)
+            if mask is not None:                                 # padded rows: hide their pad keys
+                key_mask = torch.cat([key_mask, key_mask.new_ones(B, 1)], 1)
+            h = self.lm(self.lm.embed(tok[:, None]), next_pos[:, None],
+                        None if mask is None else key_mask[:, None, None, :], cache)
             next_pos = next_pos + 1
 
 

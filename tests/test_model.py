@@ -90,6 +90,15 @@ def test_kv_cache_generation_equals_full_recompute(tiny, tok):
     assert got == ref
 
 
+def test_generation_past_the_context_is_refused_up_front(tiny, tok):
+    b = prompts(tok, tiny.cfg, ["描述这张图片"])
+    room = tiny.cfg.lm_max_len - b["input_ids"].shape[1]
+    got = list(tiny.generate(b["input_ids"], b["pixels"], max_new_tokens=room))   # fills the context: fine
+    assert 1 <= len(got) <= room
+    with pytest.raises(ValueError, match="exceeds the context"):
+        next(tiny.generate(b["input_ids"], b["pixels"], max_new_tokens=room + 1))
+
+
 def test_batched_left_padded_generation_equals_one_by_one(tiny, tok):
     texts = ["描述这张图片", "左上方有什么？这是一个比较长的问题，用来制造左侧填充", "What do you see?"]
     b = prompts(tok, tiny.cfg, texts)
