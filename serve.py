@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import codecs
 import io
 import json
 import logging
@@ -39,6 +40,7 @@ from PIL import Image, ImageOps
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartParser, parse_options_header
 
 import checkpoint
 from collate import image_to_tensor
@@ -199,6 +201,10 @@ MESSAGES = {
     "unknown_field": ("未知字段 {param}。可用的字段：{allowed}。", "Unknown field {param}. The accepted fields are: {allowed}."),
     "encoding": ("字段 {param} 含有无法编码为 UTF-8 的字符（如单独的代理项 \\ud800）。",
                  "The field {param} contains characters that cannot be encoded as UTF-8 (such as a lone surrogate \\ud800)."),
+    "form_encoding": ("表单字段 {param} 不是合法的 UTF-8 文本，请用 UTF-8 编码发送。",
+                      "The form field {param} is not valid UTF-8 text; send it encoded as UTF-8."),
+    "form_charset": ("表单字段 {param} 声明的字符集是 {charset}，只支持 UTF-8，请用 UTF-8 编码发送。",
+                     "The form field {param} declares the charset {charset}; only UTF-8 is supported, send it encoded as UTF-8."),
     "json": ("请求体不是合法的 JSON 对象。", "The request body is not a valid JSON object."),
     "multipart": ("表单数据无法解析，请用 multipart/form-data 上传。", "The form data cannot be parsed; upload it as multipart/form-data."),
     "content_type": ("Content-Type 应为 {ctype}。", "Content-Type must be {ctype}."),
@@ -350,8 +356,40 @@ async def read_body(request: Request, limit: int) -> bytes:
             break
     if size > limit:
         raise too_big
-    request._body = b"".join(chunks)             # lets request.form() parse what was read
+    request._body = b"".join(chunks)             # lets request.stream() replay what was read
     return request._body
+
+
+def declared_charset(content_type) -> str | None:
+    """The charset a Content-Type header names, as written, or None when it names none."""
+    raw = parse_options_header(content_type)[1].get(b"charset")
+    return None if raw is None else raw.decode("latin-1").strip()[:40]
+
+
+def is_utf8(charset: str) -> bool:
+    try:
+        return codecs.lookup(charset).name in ("utf-8", "ascii")     # 'UTF8', 'us-ascii', ...
+    except LookupError:
+        return False
+
+
+class Utf8FormParser(MultiPartParser):
+    """Starlette's multipart parser, except that a text field must be UTF-8. Starlette would decode
+    invalid bytes (or a field declared charset=gbk) as Latin-1 and hand the model mojibake."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is not None:                # an upload: kept as bytes
+            return super().on_part_end()
+        name = part.field_name[:100]
+        charset = (declared_charset(dict(part.item_headers).get(b"content-type"))
+                   or declared_charset(self.headers.get("content-type")))
+        if charset is not None and not is_utf8(charset):
+            raise ApiError(400, "form_charset", name, charset=charset)
+        try:
+            self.items.append((part.field_name, part.data.decode("utf-8")))
+        except UnicodeDecodeError:
+            raise ApiError(400, "form_encoding", name) from None
 
 
 def number(raw, param: str, kind, lo, hi, from_form=False):
@@ -807,7 +845,9 @@ def create_app(settings: Settings, obj: dict | None = None) -> FastAPI:
             raise ApiError(415, "content_type", ctype="multipart/form-data")
         await read_body(request, settings.max_upload + 2 ** 20)
         try:
-            form = await request.form(max_files=MAX_IMAGES, max_fields=32)
+            form = await Utf8FormParser(request.headers, request.stream(), max_files=MAX_IMAGES, max_fields=32).parse()
+        except ApiError:
+            raise
         except Exception:
             raise ApiError(400, "multipart") from None
         known_fields(form.keys())

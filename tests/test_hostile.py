@@ -56,13 +56,15 @@ def form(image=None, filename="x.png", **fields):
     return dict(files={"image": (filename, image, "image/png")} if image is not None else None, data=data)
 
 
-def raw_form(parts: list[tuple[str, bytes, str | None]]) -> dict:
-    """A multipart body built by hand (for bytes no client library would send)."""
+def raw_form(parts: list[tuple], envelope="multipart/form-data; boundary=XyZ", **headers) -> dict:
+    """A multipart body built by hand (for bytes no client library would send): parts are
+    (name, value, filename) or (name, value, filename, part content-type)."""
     out = b""
-    for name, value, filename in parts:
+    for name, value, filename, *ctype in parts:
         disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
-        out += b"--XyZ\r\nContent-Disposition: " + disp.encode() + b"\r\n\r\n" + value + b"\r\n"
-    return dict(content=out + b"--XyZ--\r\n", headers={"content-type": "multipart/form-data; boundary=XyZ"})
+        out += (b"--XyZ\r\nContent-Disposition: " + disp.encode() + b"".join(b"\r\nContent-Type: " + c.encode() for c in ctype)
+                + b"\r\n\r\n" + value + b"\r\n")
+    return dict(content=out + b"--XyZ--\r\n", headers={"content-type": envelope, **headers})
 
 
 def gen(**body):
@@ -107,6 +109,11 @@ CATALOGUE = [  # (id, method, path, request kwargs, expected status, expected co
     ("extra-file-field", "POST", MP, lambda: raw_form([("prompt", b"x", None), ("payload", b"MZ\x90\0", "a.exe")]), 400, "unknown_field"),
     ("broken-multipart", "POST", MP, lambda: raw_json(b"--XyZ\r\nContent-Disp", "multipart/form-data; boundary=XyZ"), 400, "missing"),
     ("multipart-without-boundary", "POST", MP, lambda: raw_json(b"prompt=x", "multipart/form-data"), 400, "multipart"),
+    ("prompt-not-utf8-form", "POST", MP, lambda: raw_form([("prompt", b"\xff\xfe bad", None)]), 400, "form_encoding"),
+    ("prompt-gbk-part-form", "POST", MP, lambda: raw_form([("prompt", "描述".encode("gbk"), None, "text/plain; charset=gbk")]),
+     400, "form_charset"),
+    ("latin1-envelope-form", "POST", MP, lambda: raw_form([("prompt", b"caf\xe9", None)],
+                                                           "multipart/form-data; boundary=XyZ; charset=latin-1"), 400, "form_charset"),
     ("max-new-tokens-0-form", "POST", MP, lambda: form(PNG, max_new_tokens="0"), 400, "range"),
     ("temperature-nan-form", "POST", MP, lambda: form(PNG, temperature="nan"), 400, "range"),
     # JSON /v1/generate
@@ -196,3 +203,31 @@ def test_server_is_still_ready_after_the_catalogue(answers, servers):
     ok = httpx.post(servers.base + GEN, json={"prompt": "描述这张图片", "max_new_tokens": 2,
                                               "image": data_url(PNG)}, timeout=30)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_form_text_fields_must_be_utf8(servers):
+    """Starlette alone decodes bad bytes as Latin-1 ("ÿþ bad"); the form refuses them by name instead."""
+    url = servers.base + MP
+    bad = httpx.post(url, timeout=30, **raw_form([("prompt", b"\xff\xfe bad", None), ("max_new_tokens", b"2", None)]))
+    assert bad.status_code == 400, bad.text
+    assert bad.json()["error"] == {"message": "表单字段 prompt 不是合法的 UTF-8 文本，请用 UTF-8 编码发送。",
+                                   "type": "invalid_request_error", "param": "prompt", "code": "form_encoding"}
+    en = httpx.post(url, timeout=30, **raw_form([("max_new_tokens", b"\xe9", None), ("prompt", b"x", None)],
+                                                 **{"accept-language": "en"}))
+    assert en.json()["error"]["message"] == "The form field max_new_tokens is not valid UTF-8 text; send it encoded as UTF-8."
+    gbk = httpx.post(url, timeout=30, **raw_form([("prompt", "描述".encode("gbk"), None, "text/plain; charset=GBK")]))
+    assert gbk.status_code == 400 and gbk.json()["error"]["param"] == "prompt"
+    assert gbk.json()["error"]["message"] == "表单字段 prompt 声明的字符集是 GBK，只支持 UTF-8，请用 UTF-8 编码发送。"
+
+
+def test_form_utf8_chinese_and_emoji_unchanged(servers):
+    """Valid UTF-8 (an explicit charset=utf-8 too) reaches the model as the same text JSON would send:
+    same prompt token count, same greedy answer."""
+    prompt = "描述这张图片里的猫 🐱，用中文回答。"
+    ref = httpx.post(servers.base + GEN, json={"prompt": prompt, "max_new_tokens": 4}, timeout=30)
+    assert ref.status_code == 200, ref.text
+    for ctype in ([], ["text/plain; charset=UTF-8"]):
+        r = httpx.post(servers.base + MP, timeout=30, **raw_form([("prompt", prompt.encode(), None, *ctype),
+                                                                   ("max_new_tokens", b"4", None)]))
+        assert r.status_code == 200, r.text
+        assert r.json()["text"] == ref.json()["text"] and r.json()["usage"] == ref.json()["usage"], (r.json(), ref.json())
