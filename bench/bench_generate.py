@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import BENCH_SIZES, PRECISIONS, autocast, build_pair, emit, sync  # noqa: E402
+from bench_train import (BENCH_SIZES, PRECISIONS, autocast, build_pair, emit, matmul_peak, sync,  # noqa: E402
+                         train_flops_per_sample)
 
 QUESTION = 8                    # text tokens after the image
 
@@ -77,6 +78,28 @@ def run_hf(model, prompt, new_tokens, device, dtype):
     return out[:, ids.shape[1]:], timer.first, time.perf_counter() - timer.t0, time.process_time() - timer.c0
 
 
+def floor_seconds(model, batch, new_tokens, prompt_len, peak, device, dtype, reps=30):
+    """A lower bound on the time of any implementation: reading the prompt at the measured matmul
+    peak (forward FLOPs of vision + prompt), then per new token one pass of (batch, d) activations
+    through every weight matrix of the language model and its output head, timed here. At batch 1
+    that pass is memory-bound: each token has to stream all weights through the CPU once."""
+    prompt_s = train_flops_per_sample(model.cfg, prompt_len, 1) / 3 * batch / peak
+    mats = [m.weight for m in model.lm.modules() if isinstance(m, torch.nn.Linear)] + [model.lm.embed.weight]
+    xs = [torch.randn(batch, w.shape[1], device=device, dtype=dtype or w.dtype) for w in mats]
+    mats = [w.detach().to(x.dtype) for w, x in zip(mats, xs)]
+    times = []
+    with torch.inference_mode():
+        for _ in range(reps):
+            sync(device)
+            t = time.perf_counter()
+            for x, w in zip(xs, mats):
+                torch.nn.functional.linear(x, w)
+            sync(device)
+            times.append(time.perf_counter() - t)
+    per_token = statistics.median(times[reps // 3:])
+    return prompt_s + (new_tokens - 1) * per_token, per_token, prompt_s
+
+
 def bench_batch(ours, hf, batch, args):
     device, dtype = args.device, PRECISIONS[args.precision]
     prompt = tuple(t.to(device) for t in make_prompt(ours.cfg, batch))
@@ -99,6 +122,10 @@ def bench_batch(ours, hf, batch, args):
     r["speedup"] = round(r["ours"]["tokens_per_s"] / r["transformers"]["tokens_per_s"], 2)
     r["speedup_cpu_time"] = round(r["ours"]["tokens_per_cpu_s"] / r["transformers"]["tokens_per_cpu_s"], 2)
     r["ttft_speedup"] = round(r["transformers"]["ttft_ms"] / r["ours"]["ttft_ms"], 2)
+    total, per_token, prompt_s = floor_seconds(ours, batch, r["new_tokens"], prompt[0].shape[1], args.peak, device, dtype)
+    r["floor"] = {"per_token_ms": round(1000 * per_token, 3), "prompt_ms": round(1000 * prompt_s, 2),
+                  "tokens_per_s": round(batch * r["new_tokens"] / total, 1)}
+    r["floor"]["vs_transformers"] = round(r["floor"]["tokens_per_s"] / r["transformers"]["tokens_per_s"], 2)
     return r
 
 
@@ -106,6 +133,7 @@ def run(args):
     torch.set_num_threads(args.threads or torch.get_num_threads())
     ours, hf = build_pair(BENCH_SIZES)
     ours, hf = ours.to(args.device).eval(), hf.to(args.device).eval()
+    args.peak = matmul_peak(PRECISIONS[args.precision] or torch.float32, args.device)
     return {"device": args.device, "precision": args.precision, "threads": torch.get_num_threads(),
             "prompt_len": 1 + 7 + ours.cfg.image_tokens + QUESTION,
             "results": [bench_batch(ours, hf, b, args) for b in args.batches]}
@@ -122,6 +150,9 @@ def report(r):
                   f"首 token {m['ttft_ms']:7.1f} ms  各轮 {m['all_rounds']}")
         print(f"  加速比 本项目/transformers = {b['speedup']:.2f}×（按墙钟时间），{b['speedup_cpu_time']:.2f}×（按本进程 CPU 时间）；"
               f"首 token {b['ttft_speedup']:.2f}×")
+        f = b["floor"]
+        print(f"  上限：只做矩阵乘法——读提示按实测峰值 {f['prompt_ms']} ms，之后每个 token 让语言模型的每个权重矩阵"
+              f"各过一遍 {f['per_token_ms']} ms（实测）——最多 {f['tokens_per_s']} token/秒，即 transformers 的 {f['vs_transformers']:.2f}×")
 
 
 def main(argv=None):
