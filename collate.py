@@ -13,15 +13,9 @@ from model import VLMConfig
 from tokenizer import Tokenizer
 
 
-def image_to_tensor(img: Image.Image, cfg: VLMConfig, pad_to_square: bool = False) -> torch.Tensor:
-    """RGB -> (optionally padded to a square with its mean colour) -> resized -> normalised."""
+def image_to_tensor(img: Image.Image, cfg: VLMConfig) -> torch.Tensor:
+    """RGB -> resized to the encoder's square input -> normalised."""
     img = img.convert("RGB")
-    if pad_to_square and img.width != img.height:
-        side = max(img.size)
-        mean = img.resize((1, 1), Image.BOX).getpixel((0, 0))
-        canvas = Image.new("RGB", (side, side), mean)
-        canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
-        img = canvas
     size = cfg.vit_image_size
     if img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC, reducing_gap=3.0)
@@ -37,10 +31,9 @@ class Collator:
     labels. train=False: prompt + assistant marker, left padding, for generate()."""
 
     def __init__(self, tokenizer: Tokenizer, cfg: VLMConfig, train: bool = True,
-                 max_len: int | None = None, pad_to_square: bool = False):
+                 max_len: int | None = None):
         self.tok, self.cfg, self.train = tokenizer, cfg, train
         self.max_len = max_len or cfg.lm_max_len
-        self.pad_to_square = pad_to_square
 
     def encode(self, sample):
         n_images = 0 if sample.get("image") is None else 1
@@ -69,7 +62,7 @@ class Collator:
             input_ids[b, sl] = torch.tensor(ids)
             labels[b, sl] = torch.tensor(lab)
             attention_mask[b, sl] = 1
-        images = [image_to_tensor(s["image"], self.cfg, self.pad_to_square)
+        images = [image_to_tensor(s["image"], self.cfg)
                   for s in samples if s.get("image") is not None]
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "pixels": torch.stack(images) if images else None}

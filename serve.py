@@ -666,8 +666,7 @@ class Server:
         """Decode and preprocess images (runs in a worker thread)."""
         if not blobs:
             return None
-        pad = bool(self.meta.get("pad_to_square", False))
-        return torch.stack([image_to_tensor(decode_image(b, self.settings, p), self.model.cfg, pad) for b, p in blobs])
+        return torch.stack([image_to_tensor(decode_image(b, self.settings, p), self.model.cfg) for b, p in blobs])
 
     async def start(self, ids, pixels, opt: Sampling) -> Job:
         ctx, room = self.model.cfg.lm_max_len, self.model.cfg.lm_max_len - len(ids)
