@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 import scenes
 
 
@@ -59,3 +61,26 @@ def test_export_writes_the_guides_folder_format(tmp_path):
     meta = [json.loads(l) for l in (tmp_path / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
     assert meta[0]["objects"][0]["colour_zh"] in scenes.COLOURS_ZH.values()
     assert meta[0]["qa"] and meta[0]["caption"] == caps[meta[0]["file_name"].split("/")[-1]]
+
+
+def test_training_questions_follow_the_kind_weights_and_balance_yes_and_no():
+    import random
+    kinds, present = {}, {}
+    for i in range(600):
+        objs, _ = scenes.make_scene(0, "train", i)
+        truth = {(q, a): (kind, p) for kind, q, a, p in scenes.questions(objs, "zh")}
+        picked = scenes.pick_questions(objs, random.Random(i), "zh", 3)
+        assert len(set(picked)) == 3 and all(qa in truth for qa in picked)
+        for qa in picked:
+            kind, p = truth[qa]
+            kinds[kind] = kinds.get(kind, 0) + 1
+            present.setdefault(kind, []).append(p)
+    total = sum(kinds.values())
+    share = {k: kinds[k] / total for k in kinds}
+    expected = {k: w / sum(scenes.KIND_WEIGHTS.values()) for k, w in scenes.KIND_WEIGHTS.items()}
+    # the count question exists once per scene, so it is drawn a little less than its weight
+    assert share["colour"] == pytest.approx(expected["colour"], abs=0.06)
+    assert share["colour"] > 1.5 * share["shape"]
+    for kind in ("colour", "shape", "object"):
+        yes = sum(present[kind]) / len(present[kind])
+        assert 0.4 < yes < 0.6, (kind, yes)
