@@ -88,6 +88,17 @@ class RowCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def weights_for_few_rows(model: torch.nn.Module):
+    """Store each language-model weight as the transpose of an (in, out) array. A decode step
+    multiplies a few rows (one per running request) by every weight; given the usual (out, in)
+    layout MKL repacks the whole weight on each call once there are several rows, in this layout
+    it reads it in place. Same values, same results: measured with engine steps at batch 8, the
+    `small` preset takes 29 ms instead of 35 and `tiny` 2.7 instead of 2.9 (batch 1 unchanged)."""
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) and m.weight.is_contiguous():
+            m.weight.data = m.weight.data.t().contiguous().t()
+
+
 class Engine:
     """stop_ids end a job (not part of its tokens); banned ids are never sampled (tokens that can
     not be part of an answer, such as <image> or <pad>); max_batch jobs decode together and up to
@@ -95,6 +106,7 @@ class Engine:
 
     def __init__(self, model, stop_ids, max_batch=16, max_queue=64, publish=None, banned=()):
         self.model, self.cfg = model, model.cfg
+        weights_for_few_rows(model.lm)                  # the engine only ever decodes
         self.device = next(model.parameters()).device
         self.stop_ids = set(int(i) for i in stop_ids)
         self.banned = torch.tensor(sorted(banned), dtype=torch.long, device=self.device)  # never sampled

@@ -78,6 +78,8 @@ def test_batched_equals_one_at_a_time(model, tok):
     expected = [reference(model, ids, px, n, stop) for ids, px, n in jobs_in]
     sink = Collect()
     engine = Engine(model, stop, max_batch=4, max_queue=8, publish=sink).start()
+    # expected came from the usual (out, in) weights; the engine decodes from the transposed layout
+    assert model.lm.blocks[0].qkv.weight.stride() == (1, model.lm.blocks[0].qkv.out_features)
     try:
         jobs = []
         for k, (ids, px, n) in enumerate(jobs_in):
