@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import datetime
 import functools
+import hashlib
 import json
 import math
 import os
@@ -62,13 +63,15 @@ class TrainConfig:
     max_bad_steps: int = 20          # consecutive non-finite steps before giving up
     aux_weight: float = 1.0
     compile: bool = False            # torch.compile the training step
+    feature_cache_gb: float = 2.0    # CPU memory for a frozen vision encoder's features (0 = off)
 
     def validate(self):
         checks = [(self.epochs >= 1, "--epochs 必须是正整数"), (self.batch_size >= 1, "--batch-size 必须是正整数"),
                   (self.lr > 0 and math.isfinite(self.lr), "--lr 必须是大于 0 的数"),
                   (self.accum >= 1, "--grad-accum 必须是正整数"), (self.save_every >= 1, "--save-every 必须是正整数"),
                   (0 <= self.warmup < 1, "--warmup 必须在 [0, 1) 之间"),
-                  (self.precision in ("auto", "bf16", "fp16", "fp32"), "--precision 只能是 auto/bf16/fp16/fp32")]
+                  (self.precision in ("auto", "bf16", "fp16", "fp32"), "--precision 只能是 auto/bf16/fp16/fp32"),
+                  (self.feature_cache_gb >= 0, "--feature-cache-gb 不能是负数")]
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg + "。")
@@ -91,6 +94,9 @@ def add_train_flags(p: argparse.ArgumentParser, batch_size: int, epochs: int, lr
     p.add_argument("--warmup", type=float, default=0.03, help="预热占总步数的比例 (默认: 0.03)")
     p.add_argument("--workers", type=int, default=-1, help="数据加载进程数 (默认: 按机器自动)")
     p.add_argument("--save-every", type=int, default=200, help="每多少步保存一次断点 (默认: 200)")
+    p.add_argument("--feature-cache-gb", type=float, default=2.0,
+                   help="视觉编码器冻结时（如 --train projector / lora），在 CPU 上把每张图的特征算一次后留在内存里，"
+                        "之后各轮不再过编码器；最多占这么多 GB，0 表示不缓存 (默认: 2)")
     p.add_argument("--compile", action="store_true",
                    help="用 torch.compile 编译训练步：首次编译要几十秒到几分钟，之后每步更快（见 docs/benchmarks.md）")
 
@@ -99,7 +105,43 @@ def config_from_args(a) -> TrainConfig:
     return TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, device=a.device,
                        precision=a.precision, seed=a.seed, output=a.output, resume=a.resume,
                        accum=a.grad_accum, warmup=a.warmup, workers=a.workers, save_every=a.save_every,
-                       compile=getattr(a, "compile", False))
+                       compile=getattr(a, "compile", False), feature_cache_gb=getattr(a, "feature_cache_gb", 2.0))
+
+
+class FeatureCache:
+    """Installed as a frozen vision encoder's forward: each distinct image's features are
+    computed once and kept (up to `budget` bytes), so later epochs skip the encoder. Images are
+    told apart by a hash of their preprocessed pixels, so no data set has to cooperate; an image
+    that changes (augmentation) is simply a new entry. CPU only: on a GPU the encoder is cheap
+    and hashing would copy every batch to the host."""
+
+    def __init__(self, tower: torch.nn.Module, budget: float):
+        self.tower, self.budget, self.used = tower, budget, 0
+        self.store: dict[bytes, torch.Tensor] = {}
+        self.hits = self.misses = 0
+        self.full = False                        # some features did not fit and are recomputed
+        self.encode = tower.forward
+        tower.forward = self                     # Module.__call__ (and its hooks) now come here
+
+    def remove(self):
+        del self.tower.forward
+        self.store.clear()
+
+    def __call__(self, pixels):
+        keys = [hashlib.blake2b(p.contiguous().numpy(), digest_size=16).digest() for p in pixels.detach()]
+        todo = {}                                       # key -> first image with it, if not stored
+        for i, k in enumerate(keys):
+            if k not in self.store:
+                todo.setdefault(k, i)
+        fresh = dict(zip(todo, self.encode(pixels[list(todo.values())]))) if todo else {}
+        self.hits, self.misses = self.hits + len(keys) - len(todo), self.misses + len(todo)
+        for k, f in fresh.items():
+            if self.used + f.nbytes > self.budget:
+                self.full = True
+                continue
+            self.store[k] = f.clone()                   # its own memory, not a view of the batch
+            self.used += f.nbytes
+        return torch.stack([fresh[k] if k in fresh else self.store[k] for k in keys])
 
 
 class TrainingInterrupted(Exception):
@@ -264,6 +306,10 @@ class Trainer:
         self.model = model.to(self.device)
         self.aux = aux.to(self.device) if aux is not None else None
         self.net = TrainStep(self.model, self.aux, cfg.aux_weight)
+        vision = list(self.model.vision.parameters())
+        self.feature_cache = (FeatureCache(self.model.vision, cfg.feature_cache_gb * 2 ** 30)
+                              if self.device.type == "cpu" and cfg.feature_cache_gb > 0 and vision
+                              and not any(p.requires_grad for p in vision) else None)
         if self.world > 1:              # broadcasts rank 0's weights, then averages gradients
             for data in (train_data, val_data):
                 if hasattr(data, "split_by_node"):          # streamed sources read disjoint rows per rank
@@ -457,6 +503,8 @@ class Trainer:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+            if self.feature_cache is not None:
+                self.feature_cache.remove()
         if self.world > 1:
             dist.barrier()                  # rank 0's last checkpoint is on disk before anyone leaves
         return self.best
@@ -511,6 +559,11 @@ class Trainer:
             total, count, samples = self.all_reduce([float(running), seen, samples])
             avg = total / max(1, count)
             self.say(f"Epoch {epoch + 1} 完成, 平均损失: {avg:.2f}")
+            fc = self.feature_cache
+            if fc is not None and epoch == 0:
+                self.say(f"视觉编码器是冻结的：{len(fc.store)} 张图的特征已留在内存里（{fc.used / 2 ** 20:.0f} MiB），"
+                         "之后各轮不再重算" + ("；内存上限已满，其余图片每轮照常计算（可调大 --feature-cache-gb）"
+                                              if fc.full else "") + "。")
             record = {"epoch": epoch + 1, "step": self.step, "train_loss": round(avg, 5),
                       "lr": self.opt.param_groups[0]["lr"], "samples_per_s": round(samples / (time.time() - t0), 2),
                       "skipped_steps": self.skipped}

@@ -21,10 +21,12 @@ def test_schedule_warmup_peak_and_end():
     assert all(a >= b for a, b in zip(values, values[1:]))          # monotone decay after warmup
 
 
-def make_trainer(tok, tmp_path, cls=Trainer, **kw):
+def make_trainer(tok, tmp_path, cls=Trainer, prepare=None, **kw):
     torch.manual_seed(0)
     cfg = tiny_config(tok)
     model = VLM(cfg)
+    if prepare is not None:
+        prepare(model)
     train = scenes.SceneDataset(48, "train", 0, "zh", cfg.vit_image_size)
     val = scenes.SceneDataset(16, "test", 1, "zh", cfg.vit_image_size)
     tc = TrainConfig(**{**dict(epochs=2, batch_size=8, lr=3e-3, output=str(tmp_path / "m.pt"),
@@ -70,3 +72,49 @@ def test_interrupted_then_resumed_run_ends_with_identical_weights(tok, tmp_path)
     assert resumed.step == straight.step == 12
     for (k, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def projector_only(model):
+    from backbones import configure_training
+    configure_training(model, "projector", lr=3e-3)
+
+
+def test_a_frozen_encoder_runs_once_per_image_and_training_is_unchanged(tok, tmp_path):
+    """--train projector on a CPU: epoch 2 takes every image's features from memory, and the run
+    ends with the same weights as one that recomputes them (budget 0 = no cache)."""
+    runs = {}
+    for budget in (0.0, 1.0):
+        t = make_trainer(tok, tmp_path / str(budget), prepare=projector_only, epochs=2, feature_cache_gb=budget)
+        calls = []                                              # images the encoder really processed
+        original = type(t.model.vision).forward
+        if t.feature_cache is not None:
+            t.feature_cache.encode = lambda px, m=t.model.vision: (calls.append(len(px)), original(m, px))[1]
+        else:
+            t.model.vision.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+        t.fit()
+        runs[budget] = (t, sum(calls))
+    (plain, plain_calls), (cached, cached_calls) = runs[0.0], runs[1.0]
+    assert plain.feature_cache is None and cached.feature_cache is not None
+    assert cached_calls == 48 + 16                # 48 training + 16 validation images, once each
+    assert plain_calls >= 2 * (48 + 16)           # without the cache: every epoch again
+    assert cached.feature_cache.hits >= 48 + 16
+    for a, b in zip(plain.model.projector.parameters(), cached.model.projector.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert "forward" not in vars(cached.model.vision)          # uninstalled after fit()
+
+
+def test_a_cache_that_does_not_fit_keeps_what_fits_and_recomputes_the_rest(tok, tmp_path):
+    from trainer import FeatureCache
+    t = make_trainer(tok, tmp_path, prepare=projector_only, feature_cache_gb=0)
+    size = t.model.cfg.vit_image_size
+    px = torch.randn(4, 3, size, size)
+    with torch.no_grad():
+        one = t.model.vision(px[:1]).nbytes
+        cache = FeatureCache(t.model.vision, budget=2.5 * one)
+        first = t.model.vision(px)
+        assert len(cache.store) == 2 and cache.full
+        again = t.model.vision(torch.cat([px, px[:1]]))        # a repeated image is encoded once
+    assert cache.hits == 2 + 1 and cache.misses == 4 + 2
+    assert torch.allclose(again[:4], first, atol=1e-6) and torch.equal(again[4], again[0])
+    cache.remove()
+    assert "forward" not in vars(t.model.vision)
