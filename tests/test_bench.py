@@ -31,3 +31,19 @@ def test_generation_bench_checks_identical_tokens_and_reports_its_floor():
     assert b["same_tokens"] is True and b["new_tokens"] == 4
     assert b["ours"]["tokens_per_s"] > 0 and b["transformers"]["tokens_per_s"] > 0
     assert b["floor"]["per_token_ms"] > 0 and b["floor"]["vs_transformers"] > 0
+
+
+def test_gpu_check_script_runs_its_code_paths_on_the_cpu(tmp_path):
+    """bench/gpu.sh --smoke: the GPU check's three steps at 1 layer / batch 1 on this CPU, so the
+    script that waits for a lent GPU is known to run end to end."""
+    import os
+    env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable}
+    out = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--smoke"], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    sizes = json.loads((tmp_path / "gpu_sizes.json").read_text())
+    assert [r["size"] for r in sizes["rows"]] == ["tiny", "small", "clip-b16+qwen2-0.5b"]
+    assert all(r[m]["samples_per_s"] > 0 for r in sizes["rows"] for m in ("ours", "transformers"))
+    assert json.loads((tmp_path / "gpu_train.json").read_text())["speedup"]["ours"] > 0
+    assert json.loads((tmp_path / "gpu_generate.json").read_text())["results"][0]["same_tokens"] is True
+    assert "用时" in (tmp_path / "gpu.log").read_text()
