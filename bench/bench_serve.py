@@ -2,8 +2,8 @@
 one serve.py process started here (127.0.0.1, a free port). Batching should make the second
 phase several times faster: the engine decodes all running requests in one forward per step.
 
-    python bench/bench_serve.py                      # preset micro, untrained: the engine's own cost
-    python bench/bench_serve.py --preset tiny        # the demo's architecture (64x64, width 256)
+    python bench/bench_serve.py                      # preset tiny (the demo's architecture), untrained
+    python bench/bench_serve.py --preset micro       # almost no arithmetic: the engine's own cost
     python bench/bench_serve.py --checkpoint checkpoints/vision_trained_model.pt
 
 Without --checkpoint a model of train_vision.py's --preset is built with random weights, so the
@@ -109,7 +109,8 @@ def merge(runs: list[dict]) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description="服务吞吐基准：同一批请求先逐个发送，再由 8 个并发客户端发送，比较吞吐量。")
     p.add_argument("--checkpoint", help="模型文件（默认：临时生成一个 tiny 结构、未训练的模型）")
-    p.add_argument("--preset", default="micro", choices=sorted(PRESETS), help="不给 --checkpoint 时生成的模型大小（默认 micro）")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                   help="不给 --checkpoint 时生成的模型大小（默认 tiny，即演示模型的结构）")
     p.add_argument("--clients", type=int, default=8, help="并发客户端数（默认 8）")
     p.add_argument("--requests", type=int, default=32, help="每轮的请求数（默认 32）")
     p.add_argument("--max-new-tokens", type=int, default=128, help="每个请求的 max_new_tokens（默认 128）")
