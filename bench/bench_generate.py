@@ -11,7 +11,9 @@ token (prompt encoding + first sampled token).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,8 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import (BENCH_SIZES, PRECISIONS, autocast, build_pair, emit, matmul_peak, sync,  # noqa: E402
-                         train_flops_per_sample)
+from bench_train import (BENCH_SIZES, PRECISIONS, autocast, build_pair, emit, matmul_peak, rss_kib,  # noqa: E402
+                         sync, train_flops_per_sample)
+from model import VLMConfig  # noqa: E402
 
 QUESTION = 8                    # text tokens after the image
 
@@ -100,6 +103,33 @@ def floor_seconds(model, batch, new_tokens, prompt_len, peak, device, dtype, rep
     return prompt_s + (new_tokens - 1) * per_token, per_token, prompt_s
 
 
+def measure_memory(which: str, batch: int, new_tokens: int, device: str, dtype) -> float:
+    """Peak memory of one generate() call in MiB, weights excluded (image + prompt activations,
+    KV cache, logits): the CUDA allocator's peak, or on a CPU the rise of the resident-set
+    high-water mark. Run in a fresh process per model so nothing is shared or reused."""
+    ours, hf = build_pair(BENCH_SIZES)
+    model = (ours if which == "ours" else hf).to(device).eval()
+    del ours, hf
+    prompt = tuple(t.to(device) for t in make_prompt(VLMConfig(**BENCH_SIZES), batch))
+    run = run_ours if which == "ours" else run_hf
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run(model, prompt, new_tokens, device, dtype)
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    Path("/proc/self/clear_refs").write_text("5")                        # reset VmHWM
+    base = rss_kib("VmRSS")
+    run(model, prompt, new_tokens, device, dtype)
+    return (rss_kib("VmHWM") - base) / 1024
+
+
+def memory_in_child(which: str, batch: int, args) -> float:
+    cmd = [sys.executable, __file__, "--memory-child", which, "--batches", str(batch), "--new-tokens",
+           str(args.new_tokens), "--precision", args.precision, "--device", args.device, "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
 def bench_batch(ours, hf, batch, args):
     device, dtype = args.device, PRECISIONS[args.precision]
     prompt = tuple(t.to(device) for t in make_prompt(ours.cfg, batch))
@@ -126,6 +156,9 @@ def bench_batch(ours, hf, batch, args):
     r["floor"] = {"per_token_ms": round(1000 * per_token, 3), "prompt_ms": round(1000 * prompt_s, 2),
                   "tokens_per_s": round(batch * r["new_tokens"] / total, 1)}
     r["floor"]["vs_transformers"] = round(r["floor"]["tokens_per_s"] / r["transformers"]["tokens_per_s"], 2)
+    if not args.no_memory:
+        for name, which in (("ours", "ours"), ("transformers", "hf")):
+            r[name]["peak_mib"] = round(memory_in_child(which, batch, args), 1)
     return r
 
 
@@ -146,8 +179,9 @@ def report(r):
         print(f"  batch {b['batch']}（每行 {b['new_tokens']} 个新 token，{same}）")
         for name in ("ours", "transformers"):
             m = b[name]
+            mem = f"  峰值内存 {m['peak_mib']} MiB" if "peak_mib" in m else ""
             print(f"  {name:>12}: {m['tokens_per_s']:8.1f} token/秒（每 CPU 秒 {m['tokens_per_cpu_s']:.1f}）  "
-                  f"首 token {m['ttft_ms']:7.1f} ms  各轮 {m['all_rounds']}")
+                  f"首 token {m['ttft_ms']:7.1f} ms{mem}  各轮 {m['all_rounds']}")
         print(f"  加速比 本项目/transformers = {b['speedup']:.2f}×（按墙钟时间），{b['speedup_cpu_time']:.2f}×（按本进程 CPU 时间）；"
               f"首 token {b['ttft_speedup']:.2f}×")
         f = b["floor"]
@@ -165,7 +199,14 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="CPU 线程数，0 = torch 默认")
     p.add_argument("--json", action="store_true", help="只输出 JSON")
     p.add_argument("--out", help="另把结果存成 JSON 文件")
+    p.add_argument("--no-memory", action="store_true", help="不测峰值内存（省去每个 batch 两个子进程）")
+    p.add_argument("--memory-child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.memory_child:
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        peak = measure_memory(args.memory_child, args.batches[0], args.new_tokens, args.device, PRECISIONS[args.precision])
+        print(json.dumps({"peak_mib": peak}))
+        return
     emit(run(args), args, report)
 
 

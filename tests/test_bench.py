@@ -31,6 +31,7 @@ def test_generation_bench_checks_identical_tokens_and_reports_its_floor():
     assert b["same_tokens"] is True and b["new_tokens"] == 4
     assert b["ours"]["tokens_per_s"] > 0 and b["transformers"]["tokens_per_s"] > 0
     assert b["floor"]["per_token_ms"] > 0 and b["floor"]["vs_transformers"] > 0
+    assert b["ours"]["peak_mib"] > 0 and b["transformers"]["peak_mib"] > 0     # each in its own process
 
 
 def test_gpu_check_script_runs_its_code_paths_on_the_cpu(tmp_path):
