@@ -14,7 +14,6 @@ Chinese, words for English) and a few examples.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -24,7 +23,7 @@ import torch
 
 import scenes
 from collate import Collator
-from errors import UserError, cli
+from errors import ArgumentParser, UserError, cli
 
 
 @torch.no_grad()
@@ -164,7 +163,7 @@ def print_table(results):
 def main(argv=None):
     from checkpoint import load_checkpoint
     from trainer import resolve_device
-    p = argparse.ArgumentParser(description="评估检查点：默认在合成测试场景上测描述精确匹配率、各属性准确率和问答准确率；"
+    p = ArgumentParser(description="评估检查点：默认在合成测试场景上测描述精确匹配率、各属性准确率和问答准确率；"
                                 "给出 --data-path 或 --dataset-name 时改为在真实图片上算 BLEU-4 和 CIDEr-D")
     p.add_argument("--checkpoint", default="checkpoints/vision_trained_model.pt", help="模型文件（默认 checkpoints/vision_trained_model.pt）")
     p.add_argument("--scenes", type=int, default=200, help="每个测试集的场景数（默认 200）")

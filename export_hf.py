@@ -8,14 +8,13 @@ decoder onto LlamaForCausalLM (the layouts in model.py were chosen for this); Hu
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 from checkpoint import load_checkpoint
-from errors import UserError, cli
+from errors import ArgumentParser, UserError, cli
 from model import VLM, LanguageModel, VisionEncoder, VLMConfig
 from tokenizer import ASSISTANT, BOS, EOS, IMAGE, PAD, USER, Tokenizer
 
@@ -153,7 +152,7 @@ def to_llava(model: VLM, tok):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="把训练好的检查点导出为 transformers 的 LLaVA 格式"
+    p = ArgumentParser(description="把训练好的检查点导出为 transformers 的 LLaVA 格式"
                                             "（LlavaForConditionalGeneration + AutoProcessor 可直接加载）。")
     p.add_argument("--checkpoint", default="checkpoints/vision_trained_model.pt",
                    help="要导出的检查点 (默认: checkpoints/vision_trained_model.pt)")

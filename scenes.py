@@ -10,7 +10,6 @@ Export a folder usable by `train_vision_real.py --data-source local`:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+
+from errors import ArgumentParser
 
 SHAPES = ["circle", "square", "triangle", "diamond", "cross"]
 SHAPES_ZH = {"circle": "圆形", "square": "正方形", "triangle": "三角形", "diamond": "菱形", "cross": "十字形"}
@@ -292,7 +293,7 @@ def export(out: Path, count: int, split: str = "train", seed: int = 0, lang: str
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="导出合成场景为本地数据文件夹（images/ + captions.json + metadata.jsonl）")
+    p = ArgumentParser(description="导出合成场景为本地数据文件夹（images/ + captions.json + metadata.jsonl）")
     p.add_argument("--out", default="data/vision_train", help="输出文件夹（默认 data/vision_train）")
     p.add_argument("--count", type=int, default=1000, help="场景数量（默认 1000）")
     p.add_argument("--split", default="train", choices=["train", "test", "heldout"],

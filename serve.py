@@ -45,7 +45,7 @@ from starlette.formparsers import MultiPartParser, parse_options_header
 import checkpoint
 from collate import image_to_tensor
 from engine import Engine, Job, QueueFull
-from errors import UserError, cli
+from errors import ArgumentParser, UserError, cli
 from tokenizer import IMAGE
 
 log = logging.getLogger("serve")
@@ -136,7 +136,7 @@ def env_value(env: str, kind, default):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="看图说话模型的 HTTP 服务（multipart、JSON、OpenAI 兼容接口，流式输出，批量生成）。"
+    p = ArgumentParser(description="看图说话模型的 HTTP 服务（multipart、JSON、OpenAI 兼容接口，流式输出，批量生成）。"
                                             "每个参数也可以用括号里的环境变量设置。")
     for name, env, kind, default, help_ in OPTIONS:
         flag = "--" + name.replace("_", "-")

@@ -6,7 +6,6 @@ them and answer questions about them; it is saved to checkpoints/vision_trained_
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 
@@ -15,7 +14,7 @@ import torch
 import scenes
 from checkpoint import load_checkpoint
 from collate import Collator
-from errors import UserError, cli
+from errors import ArgumentParser, UserError, cli
 from evaluate import evaluate_scenes, generate_texts, print_table
 from model import PRESETS, VLM, VLMConfig, count_params
 from tokenizer import Tokenizer
@@ -23,7 +22,7 @@ from trainer import Trainer, TrainingInterrupted, add_train_flags, config_from_a
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="合成数据演示：在 CPU 上几分钟内从零训练一个能看懂简单图形的小型视觉语言模型。")
     add_train_flags(p, batch_size=48, epochs=7, lr=1e-3)
     p.add_argument("--train-size", type=int, default=6000, help="每轮的训练场景数 (默认: 6000)")

@@ -8,7 +8,6 @@ trainer.py, the metrics in metrics.py; this file only parses flags and wires the
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -17,7 +16,7 @@ import backbones
 import captions
 from checkpoint import load_checkpoint
 from collate import Collator
-from errors import UserError, cli
+from errors import ArgumentParser, UserError, cli
 from evaluate import evaluate_captions, print_caption_scores
 from model import PRESETS, VLM, VLMConfig, count_params
 from tokenizer import Tokenizer
@@ -28,7 +27,7 @@ MAX_VAL_IMAGES = 1000                   # validation loss is measured on at most
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="用真实图片训练视觉语言模型：本地图片文件夹或 Hugging Face 数据集（可混合多个）。")
     p.add_argument("--data-source", choices=["local", "huggingface"],
                    help="数据源: local 或 huggingface（同时给出 --data-path 和 --dataset-name 时混合使用）")

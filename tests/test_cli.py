@@ -51,6 +51,23 @@ def test_bad_input_gets_one_chinese_line_and_nonzero_exit(args, needle, tmp_path
     assert len(lines) == 1 and lines[0].startswith("错误：") and needle in lines[0], r.stderr
 
 
+@pytest.mark.parametrize("script, args, needle", [
+    ("train_vision.py", ["--epochs", "abc"], "参数 --epochs 需要一个整数，收到的是 'abc'"),
+    ("train_vision.py", ["--preset", "huge"], "参数 --preset 不能取 'huge'，可选：'micro', 'small', 'tiny'"),
+    ("train_vision.py", ["--bogus"], "无法识别的参数：--bogus"),
+    ("train_vision_real.py", ["--data-source"], "参数 --data-source 后面缺少取值"),
+    ("serve.py", ["--port", "x"], "参数 --port 需要一个整数"),
+    ("export_hf.py", [], "缺少必需的参数：--output"),
+    ("scenes.py", ["--count", "1.5"], "参数 --count 需要一个整数"),
+    ("evaluate.py", ["--lang", "fr"], "参数 --lang 不能取 'fr'"),
+])
+def test_command_line_mistakes_are_one_chinese_line_in_every_command(script, args, needle):
+    r = run(script, *args, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    line, = r.stderr.splitlines()                                 # one line, no usage dump, no traceback
+    assert line.startswith("错误：" + needle) and line.endswith(f"。用 {script} --help 查看全部参数。")
+
+
 @pytest.mark.parametrize("content", [b"garbage", b""])
 def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path, content):
     bad = tmp_path / "bad.pt"
