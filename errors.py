@@ -54,4 +54,6 @@ class ArgumentParser(argparse.ArgumentParser):
             if m:
                 message = zh.format(*m.groups())
                 break
+        else:                                            # a message not in the table stays as it is
+            message += "。"
         self.exit(2, f"错误：{message}用 {self.prog} --help 查看全部参数。\n")
