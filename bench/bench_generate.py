@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import (BENCH_SIZES, PRECISIONS, autocast, build_pair, emit, matmul_peak, rss_kib,  # noqa: E402
+from bench_train import (BENCH_SIZES, PRECISIONS, autocast, build_pair, emit, matmul_peak, peak_mib,  # noqa: E402
                          sync, train_flops_per_sample)
 from model import VLMConfig  # noqa: E402
 
@@ -105,22 +105,13 @@ def floor_seconds(model, batch, new_tokens, prompt_len, peak, device, dtype, rep
 
 def measure_memory(which: str, batch: int, new_tokens: int, device: str, dtype) -> float:
     """Peak memory of one generate() call in MiB, weights excluded (image + prompt activations,
-    KV cache, logits): the CUDA allocator's peak, or on a CPU the rise of the resident-set
-    high-water mark. Run in a fresh process per model so nothing is shared or reused."""
+    KV cache, logits). Run in a fresh process per model so nothing is shared or reused."""
     ours, hf = build_pair(BENCH_SIZES)
     model = (ours if which == "ours" else hf).to(device).eval()
     del ours, hf
     prompt = tuple(t.to(device) for t in make_prompt(VLMConfig(**BENCH_SIZES), batch))
     run = run_ours if which == "ours" else run_hf
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run(model, prompt, new_tokens, device, dtype)
-        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    Path("/proc/self/clear_refs").write_text("5")                        # reset VmHWM
-    base = rss_kib("VmRSS")
-    run(model, prompt, new_tokens, device, dtype)
-    return (rss_kib("VmHWM") - base) / 1024
+    return peak_mib(lambda: run(model, prompt, new_tokens, device, dtype), device)
 
 
 def memory_in_child(which: str, batch: int, args) -> float:

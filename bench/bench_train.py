@@ -195,16 +195,20 @@ def measure_memory(which: str, sizes: dict, batch: int, device: str, dtype) -> f
     opt = optimizer(model, device)
     step = ours_step if which == "ours" else hf_step
     data = tuple(t.to(device) for t in make_batch(VLMConfig(**sizes), batch))
+    return peak_mib(lambda: [step(model, opt, data, device, dtype) for _ in range(3)], device)
+
+
+def peak_mib(run, device: str) -> float:
+    """Memory run() takes beyond what is held before it, in MiB: the CUDA allocator's peak, or on
+    a CPU the rise of the resident-set high-water mark (call it in a fresh process)."""
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        for _ in range(3):
-            step(model, opt, data, device, dtype)
+        run()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     Path("/proc/self/clear_refs").write_text("5")                        # reset VmHWM
     base = rss_kib("VmRSS")
-    for _ in range(3):
-        step(model, opt, data, device, dtype)
+    run()
     return (rss_kib("VmHWM") - base) / 1024
 
 
