@@ -2,7 +2,7 @@
 
     source (folder / hub id / local HF copy)
       -> rows: (image reference, [captions])          load_local / load_hf
-      -> decode + verify (size limit, EXIF, RGB)       decode_image / check_images
+      -> decode + verify (images.py: limits, EXIF, RGB) check_images
       -> CaptionSet: item = image + one caption per epoch in an instruction prompt
       -> Mixture of several sets with weights          Mixture
 Every item is {"image": PIL.Image, "messages": [user prompt, assistant caption]}, what
@@ -25,14 +25,11 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from errors import UserError
+from images import MAX_PIXELS, BadImage, ImagePolicy, decode
 
-MAX_PIXELS = 50_000_000                  # refused from the header, before any decoding
-# Formats decoded at all. Others are "not an image" whatever the extension says: PIL's EPS reader
-# would hand the file to Ghostscript, and rare formats are rarely audited parsers.
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")   # JPEG covers MPO (camera) files
 PARQUET_REVISION = "refs/convert/parquet"
 # hub data sets that are loading scripts; datasets >= 4 refuses those, their parquet copy loads
 SCRIPT_DATASETS = {"nlphuji/flickr30k", "nlphuji/flickr8k", "nlphuji/flickr_1k_test_image_text_retrieval"}
@@ -53,61 +50,7 @@ def log(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------- decoding
-
-class BadImage(Exception):
-    """An image that cannot be used; str(e) is a short Chinese reason."""
-
-
-def decode_image(src, size: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """bytes or a path -> RGB image, EXIF orientation applied, resized to size x size if given.
-    JPEGs are decoded at 1/2..1/8 scale straight away (draft mode) when that still covers `size`.
-    Palette/RGBA/grayscale/16-bit/CMYK become RGB (transparency over white); GIFs give frame 1."""
-    try:
-        im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src, formats=IMAGE_FORMATS)
-    except FileNotFoundError:
-        raise BadImage("文件不存在") from None
-    except Image.DecompressionBombError:
-        raise BadImage("像素数超过上限") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise BadImage("空文件（0 字节）" if size_of(src) == 0 else "不是可识别的图片") from None
-    with im:
-        w, h = im.size
-        if w * h > max_pixels:
-            raise BadImage(f"{w}×{h} 像素，超过上限 {max_pixels}")
-        try:
-            if size and im.format == "JPEG":
-                im.draft("RGB", (size, size))
-            im.load()
-            out = to_rgb(ImageOps.exif_transpose(im))
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
-            raise BadImage("文件已损坏或被截断") from None
-    if size and out.size != (size, size):
-        out = out.resize((size, size), Image.BICUBIC, reducing_gap=3.0)   # as collate.image_to_tensor
-    return out
-
-
-def size_of(src) -> int | None:
-    if isinstance(src, (bytes, bytearray)):
-        return len(src)
-    try:
-        return os.path.getsize(src)
-    except OSError:
-        return None
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode.startswith("I") or im.mode == "F":             # 16/32-bit grayscale: scale, don't clip
-        a = np.asarray(im, dtype=np.float64)
-        a = a / 257.0 if a.max() > 255 else a
-        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGB", rgba.size, (255, 255, 255))
-        bg.paste(rgba, mask=rgba.getchannel("A"))
-        return bg
-    return im.convert("RGB") if im.mode != "RGB" else im.copy()
-
+# ----------------------------------------------------------------------------- paths
 
 def inside(root: Path, rel: str) -> Path:
     """root/rel, refusing absolute paths and paths that leave root (../, symlinks out)."""
@@ -221,7 +164,7 @@ class CaptionSet(torch.utils.data.Dataset):
     def load(self, i: int) -> Image.Image:
         ref = self.rows.refs[i]
         if isinstance(ref, str):
-            return decode_image(ref, self.image_size, self.max_pixels)
+            return decode(ref, self.image_size, ImagePolicy(self.max_pixels))
         value = self.rows.table[ref][self.rows.table.column_names[0]]
         if isinstance(value, dict):          # an Image column: bytes, or a file datasets itself resolved
             value = value.get("bytes") or value.get("path")
@@ -229,7 +172,7 @@ class CaptionSet(torch.utils.data.Dataset):
             value = str(inside(self.rows.root, value))
         if value is None:
             raise BadImage("图片为空")
-        return decode_image(value, self.image_size, self.max_pixels)
+        return decode(value, self.image_size, ImagePolicy(self.max_pixels))
 
     def references(self, k: int) -> list[str]:
         return self.rows.captions[self.index[k][0]]
@@ -627,7 +570,7 @@ class StreamCaptions(torch.utils.data.Dataset):
                     continue
                 if value is None:
                     raise BadImage("图片为空")
-                image = decode_image(value, self.image_size, self.max_pixels)
+                image = decode(value, self.image_size, ImagePolicy(self.max_pixels))
                 break
             except BadImage as e:
                 self.runtime_bad += 1

@@ -1,4 +1,4 @@
-"""From samples to tensors: image transform, chat tokenisation and padding.
+"""From samples to tensors: image tensors (images.py), chat tokenisation and padding.
 
 A sample is {"image": PIL.Image | None, "messages": [...], ...extra tensors}. Training batches
 are right-padded (loss masks hide the pad); generation batches are left-padded with an
@@ -7,23 +7,10 @@ attention mask so every row's last token sits at the same column.
 from __future__ import annotations
 
 import torch
-from PIL import Image
 
+from images import to_tensor
 from model import VLMConfig
 from tokenizer import Tokenizer
-
-
-def image_to_tensor(img: Image.Image, cfg: VLMConfig) -> torch.Tensor:
-    """RGB -> resized to the encoder's square input -> normalised."""
-    img = img.convert("RGB")
-    size = cfg.vit_image_size
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC, reducing_gap=3.0)
-    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
-    x = x.permute(2, 0, 1).float().div_(255)
-    mean = torch.tensor(cfg.vit_image_mean).view(3, 1, 1)
-    std = torch.tensor(cfg.vit_image_std).view(3, 1, 1)
-    return (x - mean) / std
 
 
 class Collator:
@@ -62,7 +49,7 @@ class Collator:
             input_ids[b, sl] = torch.tensor(ids)
             labels[b, sl] = torch.tensor(lab)
             attention_mask[b, sl] = 1
-        images = [image_to_tensor(s["image"], self.cfg)
+        images = [to_tensor(s["image"], self.cfg)
                   for s in samples if s.get("image") is not None]
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "pixels": torch.stack(images) if images else None}

@@ -16,7 +16,6 @@ import asyncio
 import base64
 import binascii
 import codecs
-import io
 import json
 import logging
 import math
@@ -36,14 +35,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from PIL import Image, ImageOps
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser, parse_options_header
 
 import checkpoint
-from collate import image_to_tensor
+import images
 from engine import Engine, Job, QueueFull
 from errors import ArgumentParser, UserError, cli
 from tokenizer import IMAGE
@@ -52,7 +50,6 @@ log = logging.getLogger("serve")
 HERE = Path(__file__).resolve().parent
 DEFAULT_NEW_TOKENS = 128
 MAX_IMAGES = 4                     # per request (each becomes cfg.image_tokens prompt tokens)
-IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF"}
 RETRY_AFTER = 2                    # seconds, sent with 503 answers
 
 # ----------------------------------------------------------------------------- settings
@@ -69,7 +66,7 @@ OPTIONS = [
     ("max_queue", "SERVE_MAX_QUEUE", int, 64, "排队等待的最多请求数；再多的请求得到 503"),
     ("request_timeout", "SERVE_REQUEST_TIMEOUT", float, 120.0, "每个请求的时间上限（秒，含排队）"),
     ("max_upload_mb", "SERVE_MAX_UPLOAD_MB", float, 20.0, "上传图片的大小上限（MB）"),
-    ("max_image_pixels", "SERVE_MAX_IMAGE_PIXELS", int, 40_000_000, "图片像素上限（宽×高），解码前检查"),
+    ("max_image_pixels", "SERVE_MAX_IMAGE_PIXELS", int, images.MAX_PIXELS, "图片像素上限（宽×高），解码前检查"),
     ("max_prompt_chars", "SERVE_MAX_PROMPT_CHARS", int, 4000, "提示词（含对话历史）的字符数上限"),
     ("max_new_tokens", "SERVE_MAX_NEW_TOKENS", int, 512, "请求可要求的 max_new_tokens 上限"),
     ("cors_origins", "SERVE_CORS_ORIGINS", str, "http://localhost:3000,http://127.0.0.1:3000",
@@ -164,14 +161,10 @@ MESSAGES = {
                        "The request body exceeds the {limit_mb:g} MB limit. Compress or shrink the image and retry."),
     "image_too_large": ("图片文件超过上限 {limit_mb:g} MB。请压缩或缩小图片后重试。",
                         "The image file exceeds the {limit_mb:g} MB limit. Compress or shrink it and retry."),
-    "image_unreadable": ("无法识别这张图片：文件已损坏或不是图片。支持 PNG、JPEG、WEBP 和静态 GIF。",
-                         "The image cannot be read: the file is broken or not an image. PNG, JPEG, WEBP and still GIF are supported."),
+    "image_unreadable": ("无法识别这张图片：文件已损坏或不是图片。支持 JPEG、PNG、WEBP、GIF、BMP 和 TIFF（动图取第一帧）。",
+                         "The image cannot be read: the file is broken or not an image. JPEG, PNG, WEBP, GIF, BMP and TIFF are supported (the first frame of an animation)."),
     "image_broken": ("图片数据不完整或已损坏，无法解码。请重新导出或换一张图片。",
                      "The image data is incomplete or damaged and cannot be decoded. Re-export it or use another image."),
-    "image_format": ("不支持的图片格式 {format}。请使用 PNG、JPEG、WEBP 或静态 GIF。",
-                     "Unsupported image format {format}. Use PNG, JPEG, WEBP or a still GIF."),
-    "image_animated": ("不支持动图（{format}，{frames} 帧），请上传静态图片。",
-                       "Animated images are not supported ({format}, {frames} frames); upload a still image."),
     "image_pixels": ("图片太大：{size} 像素，上限是 {limit:,} 像素（宽×高）。请缩小后再上传。",
                      "The image is too large: {size} pixels, the limit is {limit:,} (width x height). Shrink it and retry."),
     "image_base64": ("图片的 base64 编码无效。请发送 base64 字符串或 data:image/...;base64,... 形式的 data URL。",
@@ -469,30 +462,17 @@ def sampling(fields: dict, settings: Settings, vocab: int, from_form=False, max_
     return s
 
 
-def decode_image(data: bytes, settings: Settings, param: str) -> Image.Image:
-    """Bytes -> RGB image. The header is checked (format, frames, pixel count) before the
-    pixels are decoded; anything wrong with the file is a 400/413/415, never a 500."""
+def image_pixels(data: bytes, settings: Settings, cfg, param: str) -> torch.Tensor:
+    """Bytes -> the model's pixel tensor, through the same path as training (images.py). The file
+    size and the header (pixel count) are checked before any pixel is decoded; anything wrong
+    with the file is a 400/413, never a 500."""
     if len(data) > settings.max_upload:
         raise ApiError(413, "image_too_large", param, limit_mb=settings.max_upload_mb)
     try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        raise ApiError(400, "image_pixels", param, size="?", limit=settings.max_image_pixels) from None
-    except Exception:
-        raise ApiError(400, "image_unreadable", param) from None
-    if img.format not in IMAGE_FORMATS:
-        raise ApiError(415, "image_format", param, format=img.format)
-    frames = getattr(img, "n_frames", 1)
-    if frames > 1:
-        raise ApiError(415, "image_animated", param, format=img.format, frames=frames)
-    w, h = img.size
-    if w * h > settings.max_image_pixels:
-        raise ApiError(400, "image_pixels", param, size=f"{w}×{h}", limit=settings.max_image_pixels)
-    try:
-        img.load()
-        return ImageOps.exif_transpose(img).convert("RGB")
-    except Exception:
-        raise ApiError(400, "image_broken", param) from None
+        return images.pixels(data, cfg, images.ImagePolicy(settings.max_image_pixels))
+    except images.BadImage as e:
+        code = {"pixels": "image_pixels", "broken": "image_broken"}.get(e.code, "image_unreadable")
+        raise ApiError(400, code, param, **e.info) from None
 
 
 def image_bytes(ref: str, settings: Settings, param: str) -> bytes:
@@ -666,7 +646,7 @@ class Server:
         """Decode and preprocess images (runs in a worker thread)."""
         if not blobs:
             return None
-        return torch.stack([image_to_tensor(decode_image(b, self.settings, p), self.model.cfg) for b, p in blobs])
+        return torch.stack([image_pixels(b, self.settings, self.model.cfg, p) for b, p in blobs])
 
     async def start(self, ids, pixels, opt: Sampling) -> Job:
         ctx, room = self.model.cfg.lm_max_len, self.model.cfg.lm_max_len - len(ids)

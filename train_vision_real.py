@@ -14,6 +14,7 @@ import torch
 
 import backbones
 import captions
+import images
 from checkpoint import load_checkpoint
 from collate import Collator
 from errors import ArgumentParser, UserError, cli
@@ -52,8 +53,8 @@ def build_parser():
                    help="按验证损失或 CIDEr-D 保存最佳模型 (默认: loss)")
     d.add_argument("--max-bad-ratio", type=float, default=0.05,
                    help="坏图片（缺失、损坏、截断）超过这个比例就不开始训练 (默认: 0.05)")
-    d.add_argument("--max-pixels", type=int, default=captions.MAX_PIXELS,
-                   help=f"单张图片的像素上限，超过的不解码直接跳过 (默认: {captions.MAX_PIXELS})")
+    d.add_argument("--max-pixels", type=int, default=images.MAX_PIXELS,
+                   help=f"单张图片的像素上限，超过的不解码直接跳过 (默认: {images.MAX_PIXELS})")
     m = p.add_argument_group("模型（不给 --checkpoint 时从头训练）")
     m.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="模型大小 (默认: tiny，适合 CPU)")
     m.add_argument("--vocab-size", type=int, default=4096, help="从头训练时分词器的词表大小 (默认: 4096)")

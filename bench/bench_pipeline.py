@@ -6,7 +6,7 @@
 
 Rows, each in images/s, measured in alternating rounds so machine load hits all alike:
   plain      Image.open(p).convert("RGB").resize((S, S), BICUBIC) for every file, one process
-  decode     captions.decode_image: JPEG draft-mode decoding at 1/2..1/8 scale before the resize,
+  decode     images.decode: JPEG draft-mode decoding at 1/2..1/8 scale before the resize,
              EXIF orientation, RGB conversion (one process)
   loader     the training input as the trainer builds it: CaptionSet -> DataLoader (workers sized
              to the machine, persistent, pinned memory on CUDA) -> Collator (tensors + tokens)
@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import captions  # noqa: E402
+import images  # noqa: E402
 from collate import Collator  # noqa: E402
 from model import VLMConfig  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -57,7 +58,7 @@ def plain(paths, size):
 
 def decode(paths, size):
     for p in paths:
-        captions.decode_image(p, size)
+        images.decode(p, size)
 
 
 def loader_pass(loader):

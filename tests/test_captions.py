@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 import captions
-from captions import BadImage, CaptionSet, Mixture, check_images, decode_image, load_local
+from captions import CaptionSet, Mixture, check_images, load_local
+from images import BadImage, ImagePolicy, decode as decode_image
 from errors import UserError
 
 
@@ -134,8 +135,8 @@ def test_too_many_pixels_refused_from_the_header_without_decoding():
     big = encode(Image.new("L", (3000, 2000)), "PNG")
     truncated = big[:len(big) // 2]                         # decoding it would fail as "truncated"
     with pytest.raises(BadImage, match="像素"):
-        decode_image(truncated, 32, max_pixels=1_000_000)
-    assert decode_image(big, 32, max_pixels=10_000_000).size == (32, 32)
+        decode_image(truncated, 32, ImagePolicy(1_000_000))
+    assert decode_image(big, 32, ImagePolicy(10_000_000)).size == (32, 32)
 
 
 # ----------------------------------------------------------------------------- local folders

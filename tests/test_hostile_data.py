@@ -8,8 +8,9 @@ import os
 import pytest
 from PIL import Image
 
-import captions
-from captions import CaptionSet, check_images, decode_image, load_local
+import images
+from captions import CaptionSet, check_images, load_local
+from images import decode as decode_image
 from errors import UserError
 
 
@@ -91,6 +92,6 @@ def test_postscript_is_never_decoded_even_if_pillow_could(monkeypatch):
     from PIL import EpsImagePlugin
     ran = []
     monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(1))
-    with pytest.raises(captions.BadImage, match="不是可识别的图片"):
+    with pytest.raises(images.BadImage, match="不是可识别的图片"):
         decode_image(EPS, 16)
     assert not ran

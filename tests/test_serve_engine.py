@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from collate import image_to_tensor
+from images import to_tensor as image_to_tensor
 from engine import Engine, Job, QueueFull
 from model import VLM
 from scenes import make_scene, render

@@ -1,0 +1,116 @@
+"""The one image path, shared by training, evaluation and serving.
+
+    bytes | path
+      -> open: format and pixel count checked from the header        (ImagePolicy)
+      -> decode: JPEG draft at 1/2..1/8 scale when that still covers the target size,
+         EXIF orientation, first frame of animations / MPO
+      -> RGB: palette and alpha composited on white, 16-bit scaled, CMYK converted
+      -> resize to the encoder's square input (aspect ratio not kept)
+      -> normalised tensor (3, size, size)
+A model sees the same pixels for the same file whichever side decodes it: serving may refuse
+what it must (file size, pixel count) but never decodes differently.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = 40_000_000        # width x height, refused from the header before any decoding
+# Formats decoded at all. Others are "not an image" whatever the extension says: PIL's EPS reader
+# would hand the file to Ghostscript, and rare formats are rarely audited parsers.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")         # JPEG covers MPO (camera) files
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """What a caller accepts. Decoding itself is the same for every policy."""
+    max_pixels: int = MAX_PIXELS
+    formats: tuple[str, ...] = FORMATS
+
+
+class BadImage(Exception):
+    """An image that cannot be used. str(e) is a short Chinese reason; `code` says which rule
+    refused it (missing, empty, unreadable, pixels, broken) and `info` its figures."""
+
+    def __init__(self, reason: str, code: str = "unreadable", **info):
+        super().__init__(reason)
+        self.code, self.info = code, info
+
+
+def open_image(src, policy: ImagePolicy) -> Image.Image:
+    """Open (header only) and check format and pixel count. The caller closes the image."""
+    try:
+        im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src, formats=policy.formats)
+    except FileNotFoundError:
+        raise BadImage("文件不存在", "missing") from None
+    except Image.DecompressionBombError:
+        raise BadImage("像素数超过上限", "pixels", size="?", limit=policy.max_pixels) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        empty = size_of(src) == 0
+        raise BadImage("空文件（0 字节）" if empty else "不是可识别的图片", "empty" if empty else "unreadable") from None
+    w, h = im.size
+    if w * h > policy.max_pixels:
+        im.close()
+        raise BadImage(f"{w}×{h} 像素，超过上限 {policy.max_pixels}", "pixels", size=f"{w}×{h}", limit=policy.max_pixels)
+    return im
+
+
+def decode(src, size: int | None = None, policy: ImagePolicy = ImagePolicy()) -> Image.Image:
+    """bytes or a path -> RGB image, resized to size x size if a size is given."""
+    with open_image(src, policy) as im:
+        try:
+            if size and im.format == "JPEG":
+                im.draft("RGB", (size, size))
+            im.load()
+            out = to_rgb(ImageOps.exif_transpose(im))
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+            raise BadImage("文件已损坏或被截断", "broken") from None
+    return resize(out, size) if size else out
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode.startswith("I") or im.mode == "F":             # 16/32-bit grayscale: scale, don't clip
+        a = np.asarray(im, dtype=np.float64)
+        a = a / 257.0 if a.max() > 255 else a
+        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    return im.convert("RGB") if im.mode != "RGB" else im.copy()
+
+
+def resize(img: Image.Image, size: int) -> Image.Image:
+    return img if img.size == (size, size) else img.resize((size, size), Image.BICUBIC, reducing_gap=3.0)
+
+
+def to_tensor(img: Image.Image, cfg) -> torch.Tensor:
+    """RGB image -> (3, S, S) float tensor normalised with the encoder's mean/std. `cfg` declares
+    vit_image_size, vit_image_mean and vit_image_std (a VLMConfig)."""
+    size = cfg.vit_image_size
+    img = resize(img.convert("RGB"), size)
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    x = x.permute(2, 0, 1).float().div_(255)
+    mean = torch.tensor(cfg.vit_image_mean).view(3, 1, 1)
+    std = torch.tensor(cfg.vit_image_std).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def pixels(src, cfg, policy: ImagePolicy = ImagePolicy()) -> torch.Tensor:
+    """bytes or a path -> the tensor the vision encoder receives (what serving calls)."""
+    return to_tensor(decode(src, cfg.vit_image_size, policy), cfg)
+
+
+def size_of(src) -> int | None:
+    if isinstance(src, (bytes, bytearray)):
+        return len(src)
+    try:
+        return os.path.getsize(src)
+    except OSError:
+        return None
