@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from errors import ArgumentParser
+from errors import ArgumentParser, UserError, cli
 
 SHAPES = ["circle", "square", "triangle", "diamond", "cross"]
 SHAPES_ZH = {"circle": "圆形", "square": "正方形", "triangle": "三角形", "diamond": "菱形", "cross": "十字形"}
@@ -102,11 +102,16 @@ def name(o: Obj, lang: str) -> str:
     return f"{o.colour} {o.shape}"
 
 
+def with_article(words: str) -> str:
+    """English indefinite article: "an orange circle", "a red square"."""
+    return ("an " if words[0] in "aeiou" else "a ") + words
+
+
 def caption(objs, lang: str = "zh") -> str:
     if lang == "zh":
         parts = [f"{POSITIONS_ZH[o.cell]}是一个{name(o, lang)}" for o in objs]
         return f"图中有{COUNT_ZH[len(objs)]}个形状：" + "，".join(parts) + "。"
-    parts = [f"a {name(o, lang)} at the {POSITIONS[o.cell]}" for o in objs]
+    parts = [f"{with_article(name(o, lang))} at the {POSITIONS[o.cell]}" for o in objs]
     head = "There is one shape: " if len(objs) == 1 else f"There are {COUNT_EN[len(objs)]} shapes: "
     return head + (", and ".join([", ".join(parts[:-1]), parts[-1]]) if len(parts) > 1 else parts[0]) + "."
 
@@ -134,9 +139,9 @@ def questions(objs, lang: str = "zh"):
         pz, pe = POSITIONS_ZH[cell], POSITIONS[cell]
         none = f"{pz}没有形状。" if zh else f"There is nothing at the {pe}."
         out.append(("shape", f"{pz}是什么形状？" if zh else f"What shape is at the {pe}?",
-                    (f"{SHAPES_ZH[o.shape]}。" if zh else f"A {o.shape}.") if o else none, o is not None))
+                    (f"{SHAPES_ZH[o.shape]}。" if zh else f"{with_article(o.shape).capitalize()}.") if o else none, o is not None))
         out.append(("object", f"{pz}有什么？" if zh else f"What is at the {pe}?",
-                    (f"一个{name(o, lang)}。" if zh else f"A {name(o, lang)}.") if o else none, o is not None))
+                    (f"一个{name(o, lang)}。" if zh else f"{with_article(name(o, lang)).capitalize()}.") if o else none, o is not None))
     return out
 
 
@@ -153,7 +158,8 @@ def parse_caption(text: str, lang: str = "zh"):
     for cell, p in enumerate(POSITIONS):
         for c in COLOURS:
             for s in SHAPES:
-                if f"a {c} {s} at the {p}," in text + "," or f"a {c} {s} at the {p}." in text:
+                said = f"{with_article(f'{c} {s}')} at the {p}"
+                if said + "," in text + "," or said + "." in text:
                     found.add((cell, c, s))
     return found
 
@@ -272,9 +278,20 @@ def all_texts(lang: str = "zh"):
 
 # ----------------------------------------------------------------------------- export
 
+MARKER = ".scenes"          # written beside captions.json: this folder's data came from export()
+
+
+def check_out(out: Path, overwrite: bool):
+    """Never replace a user's own captions.json: only one that export() wrote, or with --overwrite."""
+    if (out / "captions.json").exists() and not (out / MARKER).exists() and not overwrite:
+        raise UserError(f"{out} 里已有 captions.json，而且不是 scenes.py 生成的（可能是你自己的数据），没有覆盖。"
+                        f"请用 --out 指定别的文件夹，或确认要替换时加 --overwrite。")
+
+
 def export(out: Path, count: int, split: str = "train", seed: int = 0, lang: str = "zh", size: int = 72):
     """Write images/, captions.json ({file: caption}) and metadata.jsonl (objects + Q&A)."""
     (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("scenes.py\n", encoding="utf-8")
     captions, meta = {}, []
     for i in range(count):
         objs, rng = make_scene(seed, split, i)
@@ -292,6 +309,7 @@ def export(out: Path, count: int, split: str = "train", seed: int = 0, lang: str
             f.write(json.dumps(m, ensure_ascii=False) + "\n")
 
 
+@cli
 def main(argv=None):
     p = ArgumentParser(description="导出合成场景为本地数据文件夹（images/ + captions.json + metadata.jsonl）")
     p.add_argument("--out", default="data/vision_train", help="输出文件夹（默认 data/vision_train）")
@@ -301,9 +319,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="随机种子（默认 0）")
     p.add_argument("--lang", default="zh", choices=["zh", "en"], help="描述语言（默认 zh）")
     p.add_argument("--size", type=int, default=72, help="图片边长（像素，默认 72，与演示模型一致）")
+    p.add_argument("--overwrite", action="store_true", help="允许替换文件夹里不是 scenes.py 生成的 captions.json")
     a = p.parse_args(argv)
     if a.count <= 0 or a.size < 16:
         p.exit(2, "错误：--count 必须为正数，--size 至少为 16。\n")
+    check_out(Path(a.out), a.overwrite)
     export(Path(a.out), a.count, a.split, a.seed, a.lang, a.size)
     print(f"已写入 {a.count} 个场景到 {a.out}（images/、captions.json、metadata.jsonl）")
 

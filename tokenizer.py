@@ -77,6 +77,7 @@ class Tokenizer:
                 text = m["content"]
                 if first_user and n_images and not marked:
                     text = IMAGE * n_images + text
+                text = images_first(text)
                 first_user = False
                 part = [self.user_id]
                 for i, piece in enumerate(text.split(IMAGE)):
@@ -95,6 +96,16 @@ class Tokenizer:
             ids.append(self.assistant_id)
             labels.append(-100)
         return ids, labels
+
+
+def images_first(text: str) -> str:
+    """A user turn's images always come before its words in the built-in template, as in every
+    training prompt: "描述这张图片<image>" (how most OpenAI clients order parts) encodes exactly
+    like "<image>描述这张图片", so the answer cannot depend on where the client put the image."""
+    k = text.count(IMAGE)
+    if text.startswith(IMAGE * k):                       # already image-first (or no image): unchanged
+        return text
+    return IMAGE * k + " ".join(p.strip() for p in text.split(IMAGE) if p.strip())
 
 
 class ChatTemplateTokenizer:

@@ -84,3 +84,30 @@ def test_training_questions_follow_the_kind_weights_and_balance_yes_and_no():
     for kind in ("colour", "shape", "object"):
         yes = sum(present[kind]) / len(present[kind])
         assert 0.4 < yes < 0.6, (kind, yes)
+
+
+def test_export_never_replaces_a_users_own_captions(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    mine = tmp_path / "vision_train"
+    mine.mkdir()
+    (mine / "captions.json").write_text('{"cat.jpg": "我的猫"}', encoding="utf-8")
+    run = lambda *extra: subprocess.run([sys.executable, "scenes.py", "--out", str(mine), "--count", "3", *extra],
+                                        cwd=root, capture_output=True, text=True, timeout=120)
+    r = run()
+    assert r.returncode == 2 and r.stderr.startswith("错误：") and "--overwrite" in r.stderr and "Traceback" not in r.stderr
+    assert json.loads((mine / "captions.json").read_text(encoding="utf-8")) == {"cat.jpg": "我的猫"}
+    assert run("--overwrite").returncode == 0 and len(json.loads((mine / "captions.json").read_text())) == 3
+    assert run("--count", "4").returncode == 0          # a folder scenes.py wrote itself is refreshed freely
+    assert len(json.loads((mine / "captions.json").read_text())) == 4
+
+
+def test_english_uses_an_before_vowels():
+    objs = [scenes.Obj("circle", "orange", 4)]
+    assert scenes.caption(objs, "en") == "There is one shape: an orange circle at the center."
+    assert scenes.parse_caption(scenes.caption(objs, "en"), "en") == {(4, "orange", "circle")}
+    answers = {q: a for _, q, a, _ in scenes.questions(objs, "en")}
+    assert answers["What is at the center?"] == "An orange circle."
+    assert "a orange" not in " ".join(scenes.all_texts("en")).lower()

@@ -33,7 +33,7 @@ def test_chat_template_marks_only_answers(tok):
 
 def test_image_marker_position_and_count(tok):
     ids, _ = tok.encode_chat([{"role": "user", "content": f"看{IMAGE}这个"}], 3, 1)
-    assert ids[2:] == tok.encode("看") + [tok.image_id] * 3 + tok.encode("这个")
+    assert ids[2:] == [tok.image_id] * 3 + tok.encode("看 这个")      # images move in front of the words
     with pytest.raises(ValueError):
         tok.encode_chat([{"role": "user", "content": f"{IMAGE}{IMAGE}"}], 3, 1)
 
@@ -42,3 +42,14 @@ def test_serialises_inside_a_string(tok):
     again = Tokenizer.from_str(tok.to_str())
     assert again.encode("你好 world") == tok.encode("你好 world")
     assert again.eos_id == tok.eos_id
+
+
+def test_text_before_image_encodes_like_image_first(tok):
+    """Most OpenAI clients send the text part first; the built-in template puts a turn's images
+    first, as in training, so the model sees the same tokens either way."""
+    def ids(content, n=1):
+        return tok.encode_chat([{"role": "user", "content": content}], 9, n, add_generation_prompt=True)[0]
+    assert ids("描述这张图片<image>") == ids("<image>描述这张图片") == ids("描述这张图片")
+    assert ids("描述这张图片\n<image>") == ids("<image>描述这张图片")
+    assert ids("Describe <image> please") == ids("<image>Describe please")
+    assert ids("左边<image>和右边<image>哪个有红色？", 2) == ids("<image><image>左边 和右边 哪个有红色？", 2)
