@@ -124,12 +124,10 @@ def print_caption_scores(r, prefix=""):
 
 def evaluate_real(a, model, tok):
     import captions
-    size = model.cfg.vit_image_size
-    if a.data_path:
-        rows = captions.load_local(a.data_path)
-    else:
-        rows, _ = captions.load_hf(a.dataset_name, a.split, a.image_column, a.caption_column)
-    data = captions.check_images(captions.CaptionSet(rows, size), max_bad_ratio=1.0)
+    import sources
+    o = sources.Options(split=a.split, image_column=a.image_column, caption_column=a.caption_column)
+    source = sources.read("local", a.data_path, o) if a.data_path else sources.read("huggingface", a.dataset_name, o)
+    data = source.checked(model.cfg.vit_image_size, max_bad_ratio=1.0)
     if not len(data):
         raise UserError("没有可用于评估的图片。")
     n = min(a.count, len(data))

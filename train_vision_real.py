@@ -3,8 +3,9 @@
     python train_vision_real.py --data-source local --data-path data/vision_train --batch-size 4 --epochs 20
     python train_vision_real.py --data-source huggingface --dataset-name nlphuji/flickr30k --batch-size 8 --epochs 10 --lr 1e-4
 Each epoch prints the validation loss, BLEU-4 and CIDEr-D on a validation subset and a few
-generated captions beside their references. The data side lives in captions.py, the loop in
-trainer.py, the metrics in metrics.py; this file only parses flags and wires them together.
+generated captions beside their references. The data side lives in sources.py (and the modules
+it reads with), the loop in trainer.py, the metrics in metrics.py; this file only parses flags
+and wires them together.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 import backbones
 import captions
 import images
+import sources
 from checkpoint import load_checkpoint
 from collate import Collator
 from errors import ArgumentParser, UserError, cli
@@ -23,9 +25,6 @@ from model import PRESETS, VLM, VLMConfig, count_params
 from tokenizer import Tokenizer
 from trainer import Trainer, TrainingInterrupted, add_train_flags, config_from_args, default_workers, resolve_device
 
-DEFAULT_LOCAL = "data/vision_train"
-MAX_VAL_IMAGES = 1000                   # validation loss is measured on at most this many images
-
 
 def build_parser():
     p = ArgumentParser(
@@ -33,7 +32,7 @@ def build_parser():
     p.add_argument("--data-source", choices=["local", "huggingface"],
                    help="数据源: local 或 huggingface（同时给出 --data-path 和 --dataset-name 时混合使用）")
     p.add_argument("--data-path", action="append", metavar="路径[:权重]",
-                   help=f"本地数据路径，可重复给出以混合多个文件夹 (local 默认: {DEFAULT_LOCAL})")
+                   help=f"本地数据路径，可重复给出以混合多个文件夹 (local 默认: {sources.DEFAULT_LOCAL})")
     p.add_argument("--dataset-name", action="append", metavar="名称[:权重]",
                    help="HuggingFace数据集名称或本地副本路径（save_to_disk 文件夹、parquet、webdataset .tar），可重复给出")
     add_train_flags(p, batch_size=8, epochs=10, lr=1e-4)
@@ -76,21 +75,6 @@ def build_model(a, texts):
     return VLM(cfg), tok, {"preset": a.preset}
 
 
-def sources(a):
-    """[(kind, name, weight)] from --data-source / --data-path / --dataset-name."""
-    paths = a.data_path or ([DEFAULT_LOCAL] if a.data_source == "local" else [])
-    names = a.dataset_name or []
-    if a.data_source == "huggingface" and not names:
-        raise UserError("--data-source huggingface 需要 --dataset-name（例如 nlphuji/flickr30k）。")
-    if not paths and not names:
-        raise UserError("请指定训练数据：--data-source local --data-path 文件夹，或 --data-source huggingface "
-                        "--dataset-name 数据集名。")
-    if a.streaming and not names:
-        raise UserError("--streaming 只用于 Hugging Face 数据集（--dataset-name）。")
-    return ([("local",) + captions.parse_source(s) for s in paths] +
-            [("huggingface",) + captions.parse_source(s) for s in names])
-
-
 def check_flags(a):
     checks = [(0 <= a.val_ratio < 1, "--val-ratio 必须在 [0, 1) 之间"), (a.eval_size >= 0, "--eval-size 不能为负数"),
               (0 <= a.max_bad_ratio <= 1, "--max-bad-ratio 必须在 [0, 1] 之间"),
@@ -102,41 +86,6 @@ def check_flags(a):
             raise UserError(msg + "。")
 
 
-def load_rows(a, kind, name):
-    """(train Rows or a stream, validation Rows or None) of one source."""
-    if kind == "local":
-        return captions.load_local(name), None
-    if not a.streaming:
-        return captions.load_hf(name, a.split, a.image_column, a.caption_column)
-    loaded = (captions.open_hub(name, True) if captions.is_hub_id(name) else captions.open_local_hf(name, True))
-    train, val = captions.pick_split(loaded, name, a.split)
-    val_rows = captions.stream_head(val, name, MAX_VAL_IMAGES, a.image_column, a.caption_column) if val is not None else None
-    if val_rows is None:                 # no validation split: hold out the stream's first rows
-        n = max(1, a.eval_size)
-        val_rows = captions.stream_head(train, name, n, a.image_column, a.caption_column)
-        train = train.skip(n)
-    return train, val_rows
-
-
-def source_sets(a, name, train, val, size, workers):
-    """(training part, validation CaptionSet or None) of one source, its images checked. A source
-    without a validation split gives up --val-ratio of its images; a stream has its head."""
-    if isinstance(train, captions.Rows):
-        full = captions.check_images(captions.CaptionSet(train, size, a.seed, a.all_captions, a.max_pixels),
-                                     a.max_bad_ratio, workers)
-        if val is None:
-            keep, held = captions.holdout(len(full.images), a.val_ratio, a.seed)
-            return full.subset(keep), full.subset(held[:MAX_VAL_IMAGES], all_captions=False) if held else None
-        part = full
-    else:
-        part = captions.StreamCaptions(train, name, a.steps_per_epoch * a.batch_size, size, a.image_column,
-                                       a.caption_column, a.seed, a.shuffle_buffer, a.max_pixels, a.max_bad_ratio)
-    if val is None:
-        return part, None
-    checked = captions.check_images(captions.CaptionSet(val, size, a.seed, False, a.max_pixels), 1.0, workers)
-    return part, checked.subset(range(min(len(checked.images), MAX_VAL_IMAGES)))
-
-
 @cli
 def main(argv=None):
     a = build_parser().parse_args(argv)
@@ -144,14 +93,9 @@ def main(argv=None):
     cfg.validate()
     check_flags(a)
     resolve_device(a.device)
-    loaded = [(kind, name, w, *load_rows(a, kind, name)) for kind, name, w in sources(a)]
-    texts = []
-    for kind, name, w, train, val in loaded:
-        if isinstance(train, captions.Rows):
-            texts += [c for caps in train.captions for c in caps]
-        else:
-            texts += captions.stream_texts(train, name, 2000, a.image_column, a.caption_column)
-        texts += [c for caps in val.captions for c in caps] if val else []
+    workers = default_workers() if a.workers < 0 else a.workers
+    data = sources.from_args(a, workers)
+    texts = data.texts()
     if not texts:
         raise UserError("训练数据里没有任何描述文字。")
     torch.manual_seed(a.seed)                     # the same --seed builds the same initial weights
@@ -159,29 +103,12 @@ def main(argv=None):
     size = model.cfg.vit_image_size
     print(f"模型参数: 视觉编码器 {count_params(model.vision) / 1e6:.2f}M, 投影层 {count_params(model.projector) / 1e6:.2f}M, "
           f"语言模型 {count_params(model.lm) / 1e6:.2f}M；图片 {size}×{size}，每张 {model.cfg.image_tokens} 个图像 token")
-
-    workers = default_workers() if a.workers < 0 else a.workers
-    parts = [source_sets(a, name, train, val, size, workers) for kind, name, w, train, val in loaded]
-    train_parts, weights = [t for t, _ in parts], [w for _, _, w, _, _ in loaded]
-    val_parts = [v for _, v in parts if v is not None and len(v)]
-    streams = [p for p in train_parts if isinstance(p, captions.StreamCaptions)]
-    shards = min((s.stream.num_shards for s in streams), default=workers)
-    if workers > shards:                 # datasets gives each worker whole shards; extra ones would idle
-        print(f"流式数据只有 {shards} 个分片，数据加载进程数从 {workers} 降为 {shards}。", flush=True)
-        workers = cfg.workers = shards
-    train_data = captions.Mixture(train_parts, weights, a.seed)
-    val_data = captions.Mixture(val_parts, seed=a.seed) if val_parts else None
-    print(f"训练样本 {len(train_data)} 条/轮" + (f"，验证图片 {len(val_data)} 张" if val_data else "，没有验证集"), flush=True)
-
-    # caption metrics on a fixed validation subset, taken evenly from every source
-    eval_items = []
-    for r in range(a.eval_size):
-        for part in val_parts:
-            if r < len(part) and len(eval_items) < a.eval_size:
-                eval_items.append((part.image(r), part.references(r)))
+    sets = data.training_data(size)
+    if sets.workers < workers:
+        cfg.workers = sets.workers
+    eval_items = sets.eval_items(a.eval_size)        # caption metrics on a fixed validation subset
     lang = captions.caption_language(texts)
     prompt = captions.PROMPT_ZH if lang == "zh" else captions.PROMPT_EN
-
     longest = max((len(tok.encode(c)) for _, refs in eval_items for c in refs), default=0)
 
     def on_epoch_end(model, epoch):
@@ -194,8 +121,8 @@ def main(argv=None):
             out["score"] = -r["cider"]
         return out
 
-    meta = {**meta, "lang": lang, "data": [name for _, name, *_ in loaded], "select_by": a.select_by}
-    trainer = Trainer(model, tok, train_data, Collator(tok, model.cfg), cfg, val_data=val_data,
+    meta = {**meta, "lang": lang, "data": data.names, "select_by": a.select_by}
+    trainer = Trainer(model, tok, sets.train, Collator(tok, model.cfg), cfg, val_data=sets.val,
                       on_epoch_end=on_epoch_end, meta=meta)
     try:
         trainer.fit()
@@ -205,7 +132,7 @@ def main(argv=None):
         sys.exit(130)
     if not trainer.is_main:                       # under torchrun: rank 0 alone reports
         return
-    bad = sum(p.runtime_bad for p in train_parts)    # failures after the check (counted in this process)
+    bad = sets.runtime_bad()
     if bad:
         print(f"训练中又跳过了 {bad} 张无法读取的图片。")
     print(f"训练完成，模型已保存到 {a.output}")

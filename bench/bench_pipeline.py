@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import captions  # noqa: E402
+import folders  # noqa: E402
 import images  # noqa: E402
 from collate import Collator  # noqa: E402
 from model import VLMConfig  # noqa: E402
@@ -86,7 +87,7 @@ def main(argv=None):
     if not a.folder:
         width, height = (int(v) for v in a.photo.lower().split("x"))
         make_images(folder, a.images, width=width, height=height)
-    rows = captions.load_local(str(folder))
+    rows = folders.load_local(str(folder))
     paths = [r for r in rows.refs if isinstance(r, str)]
     data = captions.CaptionSet(rows, a.size)
     tok = Tokenizer.train([c for cs in rows.captions for c in cs] + captions.PROMPTS, 400)

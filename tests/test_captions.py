@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 import captions
-from captions import CaptionSet, Mixture, check_images, load_local
+import sources
+from captions import CaptionSet, Mixture, check_images
+from folders import load_local
 from images import BadImage, ImagePolicy, decode as decode_image
 from errors import UserError
 
@@ -245,13 +247,13 @@ def test_mixture_weights_set_items_per_epoch_and_cover_everything(tmp_path):
     assert sorted(c for c in caps if c.startswith("b ")) == sorted([f"b {i}" for i in range(4)] * 2)
     seen = {mix[(e, i)]["messages"][1]["content"] for e in range(4) for i in range(5)}
     assert len(seen) >= 9                                 # a different half of a each epoch
-    assert captions.parse_source("data/x:2") == ("data/x", 2.0) and captions.parse_source("owner/name") == ("owner/name", 1.0)
+    assert sources.parse_source("data/x:2") == ("data/x", 2.0) and sources.parse_source("owner/name") == ("owner/name", 1.0)
     with pytest.raises(UserError, match="权重"):
-        captions.parse_source("data/x:0")
+        sources.parse_source("data/x:0")
 
 
 def test_holdout_is_fixed_and_small():
-    train, val = captions.holdout(100, 0.05, 0)
-    assert len(val) == 5 and not set(train) & set(val) and captions.holdout(100, 0.05, 0) == (train, val)
-    assert captions.holdout(5, 0.05, 0) == ([0, 1, 2, 3, 4], [])
-    assert len(captions.holdout(12, 0.05, 0)[1]) == 1
+    train, val = sources.holdout(100, 0.05, 0)
+    assert len(val) == 5 and not set(train) & set(val) and sources.holdout(100, 0.05, 0) == (train, val)
+    assert sources.holdout(5, 0.05, 0) == ([0, 1, 2, 3, 4], [])
+    assert len(sources.holdout(12, 0.05, 0)[1]) == 1

@@ -14,8 +14,9 @@ import datasets
 import pytest
 from datasets import Dataset, DatasetDict, Image as HFImage
 
-import captions
-from captions import CaptionSet, StreamCaptions, check_images, load_hf
+import hub
+from captions import CaptionSet, check_images
+from hub import StreamCaptions, load_hf
 from errors import UserError
 from test_captions import encode, photo
 
@@ -64,7 +65,7 @@ def fake_hub(monkeypatch, copies: dict, calls: list):
             raise RuntimeError(f"Dataset scripts are no longer supported, but found {path.split('/')[-1]}.py")
         return real(str(local), *args, **kw)
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    monkeypatch.setattr(captions, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
 
 
 @pytest.mark.parametrize("layout", ["parquet", "save_to_disk"])
@@ -159,8 +160,8 @@ def test_webdataset_shard(tmp_path):
 
 def test_streaming_takes_rows_in_order_of_a_shuffled_stream_and_skips_bad_ones(tmp_path, capsys):
     path = flickr_parquet(tmp_path / "f", n_train=10, n_val=0, n_test=0, corrupt_row=4)
-    stream = captions.open_local_hf(str(path), streaming=True)
-    train, _ = captions.pick_split(stream, str(path), "train")
+    stream = hub.open_local_hf(str(path), streaming=True)
+    train, _ = hub.pick_split(stream, str(path), "train")
     s = StreamCaptions(train, "f", length=20, image_size=16, buffer=4, max_bad_ratio=0.5)
     got = [int(s[(0, k)]["messages"][1]["content"].split()[4]) for k in range(9)]
     assert sorted(got) == [0, 1, 2, 3, 5, 6, 7, 8, 9] and got != sorted(got)      # each good row once, shuffled
@@ -199,4 +200,4 @@ def test_imagefolder_copy(tmp_path):
 def test_unreachable_hub_is_detected_by_one_probe_not_retries(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")        # nothing listens there
     t = time.time()
-    assert captions.hub_reachable() is False and time.time() - t < 5
+    assert hub.hub_reachable() is False and time.time() - t < 5

@@ -60,7 +60,8 @@ def test_rank_keys_split_each_global_batch_evenly():
 @pytest.mark.parametrize("shards", [4, 3])           # 4: whole shards per rank; 3: every other row
 def test_streamed_rows_are_split_between_ranks(shards):
     from datasets import Dataset, Image as HFImage
-    from captions import Mixture, StreamCaptions
+    from captions import Mixture
+    from hub import StreamCaptions
     from test_captions import encode, photo
     table = Dataset.from_dict({"image": [{"bytes": encode(photo((20, 20), seed=i)), "path": f"{i}.jpg"} for i in range(8)],
                                "caption": [f"photo {i}" for i in range(8)]}).cast_column("image", HFImage())

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 import images
-from captions import CaptionSet, check_images, load_local
+from captions import CaptionSet, check_images
+from folders import load_local
 from images import decode as decode_image
 from errors import UserError
 

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import captions
+import folders
 from checkpoint import save_checkpoint
 from collate import Collator
 from images import BadImage, ImagePolicy, decode
@@ -144,7 +145,7 @@ def test_training_and_serving_give_the_model_identical_pixels(odd_files, tok, tm
     ckpt = tmp_path / "m.pt"
     save_checkpoint(ckpt, VLM(cfg), tok, {"lang": "zh"})
 
-    rows = captions.load_local(str(odd_files))
+    rows = folders.load_local(str(odd_files))
     data = captions.CaptionSet(rows, cfg.vit_image_size)
     collate = Collator(tok, cfg)
     trained = {}

@@ -1,0 +1,230 @@
+"""Data sources: what --data-path / --dataset-name name, turned into training and validation
+sets. train_vision_real.py and evaluate.py read real data only through here.
+
+    --data-source / --data-path / --dataset-name "name[:weight]"          from_args
+      -> the first Format in FORMATS that takes the name reads it into a source:
+           texts()       its captions, for training a tokenizer (no image read yet)
+           parts(size)   (training part, validation CaptionSet or None), images checked
+      -> TrainingData: the training parts mixed with their weights, the validation parts
+         mixed, and a fixed validation subset for caption metrics
+A new kind of data is a module that reads it (into Rows, or into a source of its own with
+texts() and parts()) plus one line in FORMATS.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import folders
+import hub
+from captions import CaptionSet, Mixture, Rows, check_images
+from errors import UserError
+from images import MAX_PIXELS
+
+DEFAULT_LOCAL = "data/vision_train"
+MAX_VAL_IMAGES = 1000                   # validation loss is measured on at most this many images
+STREAM_TEXTS = 2000                     # rows of a stream whose captions train the tokenizer
+
+
+@dataclass
+class Options:
+    """How data is read: train_vision_real.py's data flags (evaluate.py gives a few of them)."""
+    split: str = "train"
+    image_column: str | None = None
+    caption_column: str | None = None
+    all_captions: bool = False
+    streaming: bool = False
+    shuffle_buffer: int = 1000
+    steps_per_epoch: int = 1000
+    batch_size: int = 8
+    val_ratio: float = 0.05
+    eval_size: int = 100
+    max_bad_ratio: float = 0.05
+    max_pixels: int = MAX_PIXELS
+    seed: int = 0
+    workers: int = 0                    # threads decoding images for the check (0: up to 8)
+
+    @classmethod
+    def from_args(cls, a, **given) -> "Options":
+        return cls(**{**{f.name: getattr(a, f.name) for f in fields(cls) if hasattr(a, f.name)}, **given})
+
+
+def parse_source(spec: str) -> tuple[str, float]:
+    """"path" or "path:weight" (weight > 0)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and re.fullmatch(r"\d+(\.\d+)?", tail):
+        w = float(tail)
+        if w <= 0:
+            raise UserError(f"{spec}：权重必须大于 0。")
+        return head, w
+    return spec, 1.0
+
+
+def holdout(n: int, ratio: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train positions, validation positions): a fixed random share held out, none for tiny sets."""
+    order = list(range(n))
+    random.Random(f"holdout/{seed}").shuffle(order)
+    k = round(n * ratio) if n >= 10 else 0
+    k = max(1, k) if n >= 10 and ratio > 0 else k
+    return sorted(order[k:]), sorted(order[:k])
+
+
+# ----------------------------------------------------------------------------- sources
+
+@dataclass
+class Table:
+    """A source read whole: Rows of its training split, and of its validation split if it has one."""
+    name: str
+    train: Rows
+    val: Rows | None
+    o: Options
+    weight: float = 1.0
+
+    def texts(self) -> list[str]:
+        return self.train.texts() + (self.val.texts() if self.val else [])
+
+    def checked(self, size: int, max_bad_ratio: float, all_captions: bool = False) -> CaptionSet:
+        """Every image of the training split decoded once; bad ones dropped and named."""
+        o = self.o
+        return check_images(CaptionSet(self.train, size, o.seed, all_captions, o.max_pixels), max_bad_ratio, o.workers)
+
+    def parts(self, size: int):
+        """Without a validation split, --val-ratio of the images are held out for validation."""
+        full = self.checked(size, self.o.max_bad_ratio, self.o.all_captions)
+        if self.val is not None:
+            return full, validation(self.val, size, self.o)
+        keep, held = holdout(len(full.images), self.o.val_ratio, self.o.seed)
+        return full.subset(keep), full.subset(held[:MAX_VAL_IMAGES], all_captions=False) if held else None
+
+
+@dataclass
+class Stream(Table):
+    """A streamed HF data set (train is an IterableDataset) and Rows of its validation head."""
+
+    def texts(self) -> list[str]:
+        o = self.o
+        head = hub.stream_texts(self.train, self.name, STREAM_TEXTS, o.image_column, o.caption_column)
+        return head + (self.val.texts() if self.val else [])
+
+    def parts(self, size: int):
+        o = self.o
+        part = hub.StreamCaptions(self.train, self.name, o.steps_per_epoch * o.batch_size, size, o.image_column,
+                                  o.caption_column, o.seed, o.shuffle_buffer, o.max_pixels, o.max_bad_ratio)
+        return part, validation(self.val, size, o)
+
+
+def validation(rows: Rows | None, size: int, o: Options) -> CaptionSet | None:
+    """A validation split, checked (bad images skipped, never fatal), at most MAX_VAL_IMAGES."""
+    if rows is None:
+        return None
+    checked = check_images(CaptionSet(rows, size, o.seed, False, o.max_pixels), 1.0, o.workers)
+    return checked.subset(range(min(len(checked.images), MAX_VAL_IMAGES)))
+
+
+# ----------------------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class Format:
+    """One kind of data: the --data-source naming it (local: --data-path, huggingface:
+    --dataset-name), whether it takes a given name, and how to read it into a source."""
+    source: str
+    takes: Callable[[str, Options], bool]
+    read: Callable[[str, Options, float], Table]
+
+
+def read_folder(name: str, o: Options, weight: float) -> Table:
+    return Table(name, folders.load_local(name), None, o, weight)
+
+
+def read_hf(name: str, o: Options, weight: float) -> Table:
+    return Table(name, *hub.load_hf(name, o.split, o.image_column, o.caption_column), o, weight)
+
+
+def read_stream(name: str, o: Options, weight: float) -> Stream:
+    train, val = hub.load_stream(name, o.split, o.image_column, o.caption_column, MAX_VAL_IMAGES, max(1, o.eval_size))
+    return Stream(name, train, val, o, weight)
+
+
+FORMATS = [                             # the first of a --data-source that takes a name reads it
+    Format("local", lambda name, o: True, read_folder),             # captions.json, metadata.jsonl/csv
+    Format("huggingface", lambda name, o: o.streaming, read_stream),
+    Format("huggingface", lambda name, o: True, read_hf),           # hub ids and local copies
+]
+
+
+def read(source: str, name: str, o: Options, weight: float = 1.0) -> Table:
+    return next(f for f in FORMATS if f.source == source and f.takes(name, o)).read(name, o, weight)
+
+
+def named(a) -> list[tuple[str, str, float]]:
+    """[(data source, name, weight)] from --data-source / --data-path / --dataset-name."""
+    paths = a.data_path or ([DEFAULT_LOCAL] if a.data_source == "local" else [])
+    names = a.dataset_name or []
+    if a.data_source == "huggingface" and not names:
+        raise UserError("--data-source huggingface 需要 --dataset-name（例如 nlphuji/flickr30k）。")
+    if not paths and not names:
+        raise UserError("请指定训练数据：--data-source local --data-path 文件夹，或 --data-source huggingface "
+                        "--dataset-name 数据集名。")
+    if a.streaming and not names:
+        raise UserError("--streaming 只用于 Hugging Face 数据集（--dataset-name）。")
+    return ([("local",) + parse_source(s) for s in paths] +
+            [("huggingface",) + parse_source(s) for s in names])
+
+
+# ----------------------------------------------------------------------------- training data
+
+@dataclass
+class TrainingData:
+    """What the trainer gets: the mixed training parts, the mixed validation parts (or None),
+    and how many DataLoader workers have something to read."""
+    train: Mixture
+    val: Mixture | None
+    workers: int
+
+    def eval_items(self, count: int) -> list:
+        """[(image, references)]: a fixed validation subset for caption metrics, taken evenly
+        from every source."""
+        items = []
+        for r in range(count):
+            for part in self.val.parts if self.val else []:
+                if r < len(part) and len(items) < count:
+                    items.append((part.image(r), part.references(r)))
+        return items
+
+    def runtime_bad(self) -> int:
+        """Images that failed after the check (counted in this process)."""
+        return sum(p.runtime_bad for p in self.train.parts)
+
+
+@dataclass
+class Sources:
+    """The sources of one training run, read (their images not yet decoded)."""
+    sources: list
+    o: Options
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    def texts(self) -> list[str]:
+        return [t for s in self.sources for t in s.texts()]
+
+    def training_data(self, size: int) -> TrainingData:
+        parts = [s.parts(size) for s in self.sources]
+        train = Mixture([t for t, _ in parts], [s.weight for s in self.sources], self.o.seed)
+        val_parts = [v for _, v in parts if v is not None and len(v)]
+        workers, shards = self.o.workers, train.shards()
+        if shards is not None and workers > shards:     # datasets gives each worker whole shards
+            print(f"流式数据只有 {shards} 个分片，数据加载进程数从 {workers} 降为 {shards}。", flush=True)
+            workers = shards
+        val = Mixture(val_parts, seed=self.o.seed) if val_parts else None
+        print(f"训练样本 {len(train)} 条/轮" + (f"，验证图片 {len(val)} 张" if val else "，没有验证集"), flush=True)
+        return TrainingData(train, val, workers)
+
+
+def from_args(a, workers: int) -> Sources:
+    """Read every source the flags name; `workers` threads check images later."""
+    o = Options.from_args(a, workers=workers)
+    return Sources([read(source, name, o, weight) for source, name, weight in named(a)], o)
