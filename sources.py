@@ -48,7 +48,8 @@ class Options:
 
     @classmethod
     def from_args(cls, a, **given) -> "Options":
-        return cls(**{**{f.name: getattr(a, f.name) for f in fields(cls) if hasattr(a, f.name)}, **given})
+        """From train_vision_real.py's flags (each field is a flag's name), `given` overriding."""
+        return cls(**{f.name: getattr(a, f.name) for f in fields(cls) if f.name not in given}, **given)
 
 
 def parse_source(spec: str) -> tuple[str, float]:
@@ -74,16 +75,26 @@ def holdout(n: int, ratio: float, seed: int) -> tuple[list[int], list[int]]:
 # ----------------------------------------------------------------------------- sources
 
 @dataclass
-class Table:
-    """A source read whole: Rows of its training split, and of its validation split if it has one."""
+class Source:
+    """One source as read: its training data, Rows of its validation split (if it has one),
+    how it is read and its weight in the mixture. A kind of source gives train_texts() and
+    parts(size) -> (training part, validation CaptionSet or None), its images checked."""
     name: str
-    train: Rows
+    train: object
     val: Rows | None
     o: Options
     weight: float = 1.0
 
     def texts(self) -> list[str]:
-        return self.train.texts() + (self.val.texts() if self.val else [])
+        """Its captions, for training a tokenizer: the training ones, then the validation ones."""
+        return self.train_texts() + (self.val.texts() if self.val else [])
+
+
+class Table(Source):
+    """A source read whole: `train` is the Rows of its training split."""
+
+    def train_texts(self) -> list[str]:
+        return self.train.texts()
 
     def checked(self, size: int, max_bad_ratio: float, all_captions: bool = False) -> CaptionSet:
         """Every image of the training split decoded once; bad ones dropped and named."""
@@ -91,7 +102,8 @@ class Table:
         return check_images(CaptionSet(self.train, size, o.seed, all_captions, o.max_pixels), max_bad_ratio, o.workers)
 
     def parts(self, size: int):
-        """Without a validation split, --val-ratio of the images are held out for validation."""
+        """(training CaptionSet, validation CaptionSet or None); without a validation split,
+        --val-ratio of the images are held out."""
         full = self.checked(size, self.o.max_bad_ratio, self.o.all_captions)
         if self.val is not None:
             return full, validation(self.val, size, self.o)
@@ -99,14 +111,12 @@ class Table:
         return full.subset(keep), full.subset(held[:MAX_VAL_IMAGES], all_captions=False) if held else None
 
 
-@dataclass
-class Stream(Table):
-    """A streamed HF data set (train is an IterableDataset) and Rows of its validation head."""
+class Stream(Source):
+    """A streamed HF data set: `train` is an IterableDataset (hub.load_stream)."""
 
-    def texts(self) -> list[str]:
+    def train_texts(self) -> list[str]:
         o = self.o
-        head = hub.stream_texts(self.train, self.name, STREAM_TEXTS, o.image_column, o.caption_column)
-        return head + (self.val.texts() if self.val else [])
+        return hub.stream_texts(self.train, self.name, STREAM_TEXTS, o.image_column, o.caption_column)
 
     def parts(self, size: int):
         o = self.o
@@ -131,7 +141,7 @@ class Format:
     --dataset-name), whether it takes a given name, and how to read it into a source."""
     source: str
     takes: Callable[[str, Options], bool]
-    read: Callable[[str, Options, float], Table]
+    read: Callable[[str, Options, float], Source]
 
 
 def read_folder(name: str, o: Options, weight: float) -> Table:
@@ -154,7 +164,7 @@ FORMATS = [                             # the first of a --data-source that take
 ]
 
 
-def read(source: str, name: str, o: Options, weight: float = 1.0) -> Table:
+def read(source: str, name: str, o: Options, weight: float = 1.0) -> Source:
     return next(f for f in FORMATS if f.source == source and f.takes(name, o)).read(name, o, weight)
 
 
