@@ -257,3 +257,12 @@ def test_holdout_is_fixed_and_small():
     assert len(val) == 5 and not set(train) & set(val) and sources.holdout(100, 0.05, 0) == (train, val)
     assert sources.holdout(5, 0.05, 0) == ([0, 1, 2, 3, 4], [])
     assert len(sources.holdout(12, 0.05, 0)[1]) == 1
+
+
+def test_image_refs_say_where_an_image_is_or_why_it_was_refused(tmp_path):
+    root = make_local_folder(tmp_path / "d")
+    source = sources.read("local", str(root), sources.Options())
+    refs = dict(zip(source.train.names, source.train.refs))
+    assert refs["dog.jpg"].path == str(root / "images" / "dog.jpg") and refs["dog.jpg"].refused is None
+    assert refs["../outside.jpg"].path is None and "数据文件夹之外" in refs["../outside.jpg"].refused
+    assert source.texts() == source.train.texts() and "第二条描述" in source.texts()

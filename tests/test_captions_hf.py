@@ -15,6 +15,7 @@ import pytest
 from datasets import Dataset, DatasetDict, Image as HFImage
 
 import hub
+import sources
 from captions import CaptionSet, check_images
 from hub import StreamCaptions, load_hf
 from errors import UserError
@@ -201,3 +202,12 @@ def test_unreachable_hub_is_detected_by_one_probe_not_retries(tmp_path, monkeypa
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")        # nothing listens there
     t = time.time()
     assert hub.hub_reachable() is False and time.time() - t < 5
+
+
+def test_the_source_registry_reads_tables_and_streams(tmp_path):
+    path = str(flickr_parquet(tmp_path / "f"))
+    table = sources.read("huggingface", path, sources.Options())
+    assert [r.row for r in table.train.refs] == list(range(8)) and len(table.val.refs) == 3
+    stream = sources.read("huggingface", path, sources.Options(streaming=True))
+    assert isinstance(stream, sources.Stream) and len(stream.val.refs) == 3
+    assert stream.texts() == table.texts()[:40] + table.val.texts()       # 8 train rows x 5, then validation
