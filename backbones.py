@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -392,84 +391,6 @@ def trainable_summary(model: VLM) -> str:
         n, t = sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
         parts.append(f"{label} {t / 1e6:.2f}M/{n / 1e6:.2f}M")
     return "可训练参数：" + "，".join(parts)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def checkpoint_entry(model: VLM, state: dict, delta: bool) -> tuple[dict, dict]:
-    """(state to store, "backbones" entry). delta: frozen weights of the HF parts are left out;
-    the entry names their source and a fingerprint that must match when they are loaded back."""
-    entry = {"stored": "delta" if delta else "full", "vision": None, "lm": None}
-    if isinstance(model.vision, HFVisionTower):
-        entry["vision"] = {"source": model.vision.source, "feature_layer": model.vision.feature_layer,
-                           "config": model.vision.model.config.to_dict()}
-    if isinstance(model.lm, HFLanguageModel):
-        entry["lm"] = {"source": model.lm.source, "lora": model.lm.lora, "config": model.lm.hf_model.config.to_dict()}
-    if delta:
-        frozen = hf_keys(model, frozen_only=True)
-        state = {k: v for k, v in state.items() if k not in frozen}
-        entry["fingerprint"] = fingerprint(model, frozen)
-    for part in ("vision", "lm"):                         # JSON text: plain types for weights_only loading
-        if entry[part] is not None:
-            entry[part]["config"] = json.dumps(entry[part]["config"], default=str)
-    return state, entry
-
-
-def hf_keys(model: VLM, frozen_only: bool = False) -> set[str]:
-    """State-dict keys of the HF parts' parameters (tied weights under every name they have);
-    frozen_only: just those that do not train, i.e. still equal the base weights."""
-    prefixes = tuple(name + "." for name in ("vision", "lm") if getattr(model, name) in hf_parts(model))
-    return {k for k, v in model.state_dict(keep_vars=True).items()
-            if k.startswith(prefixes) and isinstance(v, nn.Parameter) and not (frozen_only and v.requires_grad)}
-
-
-@torch.no_grad()
-def fingerprint(model: VLM, keys: set[str]) -> float:
-    """Sum of the base weights (accumulated in float64 without copying them): a cheap check that
-    the base a delta checkpoint refers to is still the one it was trained on."""
-    state = model.state_dict()
-    return sum(float(state[k].sum(dtype=torch.float64)) for k in sorted(keys))
-
-
-def model_from_checkpoint(obj: dict, tokenizer, path) -> VLM:
-    """Rebuild a VLM with HF parts from a checkpoint dict (either kind) and load its weights."""
-    entry = obj["backbones"]
-    cfg = VLMConfig.from_dict(obj["config"])
-    full = entry["stored"] == "full"
-    vision = lm = None
-    if entry["vision"]:
-        v = entry["vision"]
-        vision, _ = load_vision_tower(v["source"], v["feature_layer"], json.loads(v["config"]) if full else None)
-    if entry["lm"]:
-        l = entry["lm"]
-        if full:
-            lm, _ = load_causal_lm(l["source"], json.loads(l["config"]), tokenizer)
-        else:
-            lm, _ = load_causal_lm(l["source"], tokenizer=tokenizer)
-        if l["lora"]:
-            lm.add_lora(l["lora"]["r"], l["lora"]["alpha"])
-    model = VLM(cfg, vision=vision, lm=lm)
-    restore_weights(model, obj, path)
-    return model
-
-
-def restore_weights(model: VLM, obj: dict, path="检查点"):
-    """Load obj["model"] into model: strictly for a full checkpoint; for a delta, every stored
-    key must load and every key not stored must be a base weight that checks out."""
-    entry = obj.get("backbones") or {"stored": "full"}
-    try:
-        missing, unexpected = model.load_state_dict(obj["model"], strict=False)
-    except RuntimeError as e:
-        raise UserError(f"{path} 的权重与模型结构不符：{str(e).splitlines()[-1].strip()}") from e
-    base = set(missing) & hf_keys(model) if entry["stored"] == "delta" else set()
-    missing = [k for k in missing if k not in base]
-    if missing or unexpected:
-        raise UserError(f"{path} 的权重与模型结构不符：缺少 {sorted(missing)[:5]}，多余 {sorted(unexpected)[:5]}。")
-    if base and not torch.isclose(torch.tensor(fingerprint(model, base), dtype=torch.float64),
-                                  torch.tensor(entry["fingerprint"], dtype=torch.float64), rtol=1e-6, atol=1e-3):
-        sources = ", ".join(e["source"] for e in (entry["vision"], entry["lm"]) if e)
-        raise UserError(f"{path} 只存了训练改动的部分，但它引用的基础模型（{sources}）的权重和训练时不一样。"
-                        f"请换回训练时用的基础模型。")
 
 
 # ----------------------------------------------------------------------------- command line
