@@ -1,40 +1,54 @@
 """Pretrained backbones from Hugging Face: a CLIP / SigLIP / SigLIP2 vision tower and an existing
 causal LM (Llama, Qwen2, SmolLM2 ...) with its own tokenizer and chat template.
 
-Both are wrapped to the small interface VLM expects (model.py), so Collator, generate and serve
-need no changes:
+Both are wrapped to the small interface VLM expects (model.py), declared capabilities included,
+so Collator, generate, serve, export and checkpoints need no changes:
     HFVisionTower(pixels)           -> (B, N, Dv)  hidden states of one layer, CLS dropped
     HFLanguageModel(x, pos, mask, cache) -> (B, T, D); .embed(ids), .logits(h), .new_cache(...)
-
-This module also decides what trains (projector / vision+projector / lora / all, with separate
-learning rates), and what a checkpoint of such a model holds: everything ("full"), or only what
-changed plus a reference to the base weights ("delta"). Both load with checkpoint.load_checkpoint.
+A family of vision towers (CLIP, SigLIP, ...) is one row of VISION_FAMILIES. This module also
+decides what trains (projector / vision+projector / lora / all, with separate learning rates).
 transformers and peft are imported inside functions: the built-in model never pays for them.
 """
 from __future__ import annotations
 
 import functools
 import inspect
-import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from errors import UserError
-from model import VLM, LanguageModel, VisionEncoder, VLMConfig
+from model import VLM, VLMConfig
 from tokenizer import IMAGE, ChatTemplateTokenizer
 
 TRAIN_CHOICES = ("projector", "vision+projector", "lora", "all")
-# model_type in the tower's config.json -> transformers class name
-VISION_CLASSES = {"clip": "CLIPVisionModel", "clip_vision_model": "CLIPVisionModel",
-                  "siglip": "SiglipVisionModel", "siglip_vision_model": "SiglipVisionModel",
-                  "siglip2": "Siglip2VisionModel", "siglip2_vision_model": "Siglip2VisionModel"}
-# used only when a tower folder has no preprocessor_config.json
-DEFAULT_MEAN_STD = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-                    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+
+
+@dataclass(frozen=True)
+class VisionFamily:
+    """What a family of transformers vision towers is, for HFVisionTower and the LLaVA export."""
+    model_class: str            # the transformers class that loads it
+    has_cls: bool               # a CLS token before the patches: dropped (LLaVA's "default" strategy)
+    mean_std: tuple             # preprocessing when the tower's folder has no preprocessor_config.json
+    naflex: bool = False        # SigLIP2's NaFlex: takes patch rows, not images; no LLaVA export
+
+
+HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+# model_type in the tower's config.json, less any "_vision_model" -> its family
+VISION_FAMILIES = {
+    "clip": VisionFamily("CLIPVisionModel", True, ((0.48145466, 0.4578275, 0.40821073),
+                                                   (0.26862954, 0.26130258, 0.27577711))),
+    "siglip": VisionFamily("SiglipVisionModel", False, HALF),
+    "siglip2": VisionFamily("Siglip2VisionModel", False, HALF, naflex=True),
+}
+
+
+def vision_family(model_type: str) -> VisionFamily | None:
+    return VISION_FAMILIES.get(model_type.removesuffix("_vision_model"))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -81,35 +95,27 @@ def hub_error(what: str, source: str, err: Exception) -> UserError:
         f"或设置镜像后重试（export HF_ENDPOINT=https://hf-mirror.com）。")
 
 
+def from_hub(load, source: str, what: str, **kw):
+    """load(source, **kw), a transformers from_pretrained: quietly, offline when the hub can't be
+    reached, and every way it can fail turned into one message (hub_error)."""
+    quiet_transformers()
+    check_hub(source)
+    try:
+        return load(source, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise hub_error(what, source, e) from e
+
+
 def strict_from_pretrained(cls, source: str, what: str, **kw):
     """cls.from_pretrained, but every weight must load: missing or mis-shaped keys are an error
     that names them (never a silent random init, MiniMind-V's trap). Keys the class does not
     use (e.g. the text half of a full CLIP checkpoint) are fine."""
-    quiet_transformers()
-    check_hub(source)
-    try:
-        model, info = cls.from_pretrained(source, output_loading_info=True, **kw)
-    except (OSError, ValueError, KeyError) as e:
-        raise hub_error(what, source, e) from e
+    model, info = from_hub(cls.from_pretrained, source, what, output_loading_info=True, **kw)
     bad = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
     if bad:
         raise UserError(f"{what} {source} 的权重没有全部加载，缺少或形状不符的键共 {len(bad)} 个：{', '.join(bad[:8])}"
                         f"{' …' if len(bad) > 8 else ''}。请确认文件夹完整、模型类型正确。")
     return model
-
-
-def vision_config_of(source: str):
-    from transformers import AutoConfig
-    quiet_transformers()
-    check_hub(source)
-    try:
-        cfg = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as e:
-        raise hub_error("视觉编码器", source, e) from e
-    cfg = getattr(cfg, "vision_config", None) or cfg             # a full CLIP/SigLIP repo holds both towers
-    if cfg.model_type not in VISION_CLASSES:
-        raise UserError(f"{source} 的模型类型是 {cfg.model_type}，不是支持的视觉塔（CLIP、SigLIP、SigLIP2）。")
-    return cfg
 
 
 # ----------------------------------------------------------------------------- vision
@@ -121,34 +127,39 @@ class HFVisionTower(nn.Module):
     def __init__(self, model: nn.Module, source: str, feature_layer: int = -2):
         super().__init__()
         self.model, self.source, self.feature_layer = model, source, feature_layer
-        self.kind = model.config.model_type.split("_")[0]             # clip | siglip | siglip2
+        self.family = vision_family(model.config.model_type)
+        self.has_cls = self.family.has_cls
         n_layers = model.config.num_hidden_layers
         if not -n_layers <= feature_layer <= n_layers:
             raise UserError(f"--vision-layer {feature_layer} 超出范围：{source} 只有 {n_layers} 层"
                             f"（可取 {-n_layers}…{n_layers}，-1 为最后一层）。")
 
-    @property
-    def patch_size(self) -> int:
-        return self.model.config.patch_size
+    hf_model = property(lambda self: self.model)                    # as HFLanguageModel.hf_model
 
     @property
     def image_size(self) -> int:
         c = self.model.config
-        if self.kind == "siglip2":                                     # NaFlex: use a fixed square grid
+        if self.family.naflex:                                         # use a fixed square grid
             return int(c.num_patches ** 0.5) * c.patch_size
         return c.image_size
 
     def forward(self, pixels):
         kw = {}
-        if self.kind == "siglip2":                                     # takes patches, not images
+        if self.family.naflex:                                         # takes patches, not images
             B, C, H, W = pixels.shape
-            p = self.patch_size
+            p = self.model.config.patch_size
             pixels = (pixels.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
                       .reshape(B, (H // p) * (W // p), p * p * C))
             kw = {"pixel_attention_mask": torch.ones(pixels.shape[:2], dtype=torch.long, device=pixels.device),
                   "spatial_shapes": torch.tensor([[H // p, W // p]] * B, device=pixels.device)}
         h = self.model(pixel_values=pixels, output_hidden_states=True, **kw).hidden_states[self.feature_layer]
-        return h[:, 1:] if self.kind == "clip" else h
+        return h[:, 1:] if self.has_cls else h
+
+    def llava_vision(self):
+        """(config, weights) for the LLaVA export: the tower as it is."""
+        if self.family.naflex:
+            raise UserError("SigLIP2 视觉塔（NaFlex）没有对应的 LLaVA 格式，暂不能导出；请改用 CLIP 或 SigLIP 视觉塔。")
+        return self.model.config, self.model.state_dict()
 
 
 def load_vision_tower(source: str, feature_layer: int = -2, config: dict | None = None):
@@ -156,12 +167,15 @@ def load_vision_tower(source: str, feature_layer: int = -2, config: dict | None 
     from it and its weights come later; otherwise they load strictly from `source`."""
     import transformers
     quiet_transformers()
-    if config is not None:
-        cfg = transformers.AutoConfig.for_model(**config)
-        model = getattr(transformers, VISION_CLASSES[cfg.model_type])(cfg)
+    if config is None:
+        cfg = from_hub(transformers.AutoConfig.from_pretrained, source, "视觉编码器")
+        cfg = getattr(cfg, "vision_config", None) or cfg             # a full CLIP/SigLIP repo holds both towers
+        if vision_family(cfg.model_type) is None:
+            raise UserError(f"{source} 的模型类型是 {cfg.model_type}，不是支持的视觉塔（CLIP、SigLIP、SigLIP2）。")
     else:
-        cfg = vision_config_of(source)
-        model = strict_from_pretrained(getattr(transformers, VISION_CLASSES[cfg.model_type]), source, "视觉编码器")
+        cfg = transformers.AutoConfig.for_model(**config)
+    cls = getattr(transformers, vision_family(cfg.model_type).model_class)
+    model = strict_from_pretrained(cls, source, "视觉编码器") if config is None else cls(cfg)
     tower = HFVisionTower(model, source, feature_layer)
     return tower.float(), image_preprocessing(source, tower)
 
@@ -174,8 +188,8 @@ def image_preprocessing(source: str, tower: HFVisionTower) -> dict:
         proc = AutoImageProcessor.from_pretrained(source)
         mean, std = tuple(proc.image_mean), tuple(proc.image_std)
     except (OSError, ValueError, KeyError, AttributeError):
-        mean, std = DEFAULT_MEAN_STD["clip" if tower.kind == "clip" else "siglip"]
-    return {"vit_image_size": tower.image_size, "vit_patch_size": tower.patch_size,
+        mean, std = tower.family.mean_std
+    return {"vit_image_size": tower.image_size, "vit_patch_size": tower.model.config.patch_size,
             "vit_image_mean": mean, "vit_image_std": std}
 
 
@@ -183,6 +197,8 @@ def image_preprocessing(source: str, tower: HFVisionTower) -> dict:
 
 class HFLanguageModel(nn.Module):
     """A transformers causal LM (optionally with peft LoRA adapters) behind LanguageModel's interface."""
+    elastic_cache = False       # transformers' own cache type: the engine runs fixed batches
+    max_len = None              # positions are computed, not looked up: no hard context limit
 
     def __init__(self, model: nn.Module, source: str):
         super().__init__()
@@ -190,28 +206,34 @@ class HFLanguageModel(nn.Module):
         self.lora = None                                 # LoRA settings once adapters are added
 
     @property
-    def causal(self):
+    def hf_model(self):
+        """The *ForCausalLM itself (inside the peft wrapper, if any)."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def embed(self, ids):
-        return self.causal.get_input_embeddings()(ids)
+        return self.hf_model.get_input_embeddings()(ids)
 
-    def forward(self, x, positions, mask=None, cache=None):
+    def forward(self, x, positions, mask=None, cache=None, q_from: int = 0):
         # Our mask is causal & "key is not padding" (B, 1, T, T_total); its last query row
         # sees every key the batch may see, i.e. it is the 2-D key mask transformers expects.
         key_mask = None if mask is None else mask[:, 0, -1, :].long()
-        decoder = self.causal.get_decoder()
+        decoder = self.hf_model.get_decoder()
         cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
         out = decoder(inputs_embeds=x, position_ids=positions, attention_mask=key_mask, use_cache=cache is not None,
                       **{cache_arg: cache})                  # transformers 5.x renamed past_key_values
-        return out.last_hidden_state
+        return out.last_hidden_state[:, q_from:]             # computed for all, returned from q_from on
 
     def logits(self, h):
-        return self.causal.get_output_embeddings()(h)
+        return self.hf_model.get_output_embeddings()(h)
 
     def new_cache(self, batch: int, max_len: int):
         from transformers import DynamicCache
-        return DynamicCache(config=self.causal.config)
+        return DynamicCache(config=self.hf_model.config)
+
+    def llava_text(self):
+        """(config, decoder weights, lm_head weight) for the LLaVA export; LoRA is merged first."""
+        causal = self.model.merge_and_unload() if self.lora else self.model      # changes this module in place
+        return causal.config, causal.get_decoder().state_dict(), causal.get_output_embeddings().weight
 
     def add_lora(self, r: int, alpha: int | None = None):
         """LoRA adapters on every linear layer of the LLM (not lm_head); the base stays frozen."""
@@ -219,10 +241,6 @@ class HFLanguageModel(nn.Module):
         self.lora = {"r": r, "alpha": alpha or 2 * r}
         self.model = get_peft_model(self.model, LoraConfig(r=r, lora_alpha=self.lora["alpha"], lora_dropout=0.0,
                                                            target_modules="all-linear"))
-
-    def merged(self):
-        """The plain causal LM with LoRA folded into its weights (changes this module in place)."""
-        return self.model.merge_and_unload() if self.lora else self.model
 
 
 def load_causal_lm(source: str, config: dict | None = None, tokenizer: ChatTemplateTokenizer | None = None):
@@ -239,10 +257,7 @@ def load_causal_lm(source: str, config: dict | None = None, tokenizer: ChatTempl
     model = strict_from_pretrained(transformers.AutoModelForCausalLM, source, "语言模型", dtype=torch.float32,
                                    attn_implementation="sdpa")
     if tokenizer is None:
-        try:
-            hf_tok = transformers.AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError, KeyError) as e:
-            raise hub_error("语言模型的分词器", source, e) from e
+        hf_tok = from_hub(transformers.AutoTokenizer.from_pretrained, source, "语言模型的分词器")
         if IMAGE not in hf_tok.get_vocab():
             hf_tok.add_tokens([IMAGE], special_tokens=True)
         try:
@@ -280,8 +295,8 @@ def build_vlm(vision_source: str | None = None, lm_source: str | None = None, vi
     Returns (model, tokenizer). A built-in part taken from `base` keeps its trained weights."""
     if lm_source:
         lm, tok = load_causal_lm(lm_source)
-        c = lm.causal.config
-        lm_fields = dict(lm_vocab_size=lm.causal.get_input_embeddings().weight.shape[0], lm_dim=c.hidden_size,
+        c = lm.hf_model.config
+        lm_fields = dict(lm_vocab_size=lm.hf_model.get_input_embeddings().weight.shape[0], lm_dim=c.hidden_size,
                          lm_layers=c.num_hidden_layers, lm_heads=c.num_attention_heads,
                          lm_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
                          lm_hidden=c.intermediate_size, lm_max_len=c.max_position_embeddings)
@@ -296,7 +311,7 @@ def build_vlm(vision_source: str | None = None, lm_source: str | None = None, vi
         vit_fields.update(vit_dim=c.hidden_size, vit_layers=c.num_hidden_layers, vit_heads=c.num_attention_heads,
                           vit_mlp_ratio=c.intermediate_size / c.hidden_size)
     else:
-        src = base[0] if base is not None and isinstance(base[0].vision, VisionEncoder) else None
+        src = base[0] if base is not None and base[0].vision.source is None else None
         vision = src.vision if src is not None else None
         vit_fields = {k: v for k, v in (src.cfg if src is not None else scratch_cfg or VLMConfig()).to_dict().items()
                       if k.startswith("vit_")}
@@ -306,7 +321,8 @@ def build_vlm(vision_source: str | None = None, lm_source: str | None = None, vi
 
 
 def hf_parts(model: VLM) -> list[nn.Module]:
-    return [m for m in (model.vision, model.lm) if isinstance(m, (HFVisionTower, HFLanguageModel))]
+    """The pretrained parts: those that name a source their weights come from."""
+    return [m for m in (model.vision, model.lm) if m.source is not None]
 
 
 # ----------------------------------------------------------------------------- what trains
@@ -327,7 +343,7 @@ def configure_training(model: VLM, train: str, lr: float, projector_lr: float | 
         if value is not None and not value > 0:
             raise UserError(f"{name} 必须是大于 0 的数。")
     if train == "lora":
-        if not isinstance(model.lm, HFLanguageModel):
+        if model.lm.source is None:
             raise UserError("--train lora 需要 Hugging Face 语言模型（--checkpoint 给出其文件夹或 hub id）。")
         if lora_r < 1:
             raise UserError("--lora-r 必须是正整数。")
@@ -337,7 +353,7 @@ def configure_training(model: VLM, train: str, lr: float, projector_lr: float | 
               "lora": {"vision", "projector"}, "all": {"vision", "projector", "lm"}}[train]
     for name in ("vision", "projector", "lm"):
         getattr(model, name).requires_grad_(name in trains)
-    if "vision" in trains and isinstance(model.vision, HFVisionTower):
+    if "vision" in trains and model.vision.source is not None:
         freeze_unused(model.vision)
     if train == "lora" and model.lm.lora is None:
         model.lm.add_lora(lora_r)                                   # adds trainable adapters only
@@ -352,8 +368,7 @@ def configure_training(model: VLM, train: str, lr: float, projector_lr: float | 
             p.lr_scale = scale
     if gradient_checkpointing:
         for part in hf_parts(model):
-            target = part.causal if isinstance(part, HFLanguageModel) else part.model
-            target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            part.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -376,84 +391,6 @@ def trainable_summary(model: VLM) -> str:
         n, t = sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
         parts.append(f"{label} {t / 1e6:.2f}M/{n / 1e6:.2f}M")
     return "可训练参数：" + "，".join(parts)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def checkpoint_entry(model: VLM, state: dict, delta: bool) -> tuple[dict, dict]:
-    """(state to store, "backbones" entry). delta: frozen weights of the HF parts are left out;
-    the entry names their source and a fingerprint that must match when they are loaded back."""
-    entry = {"stored": "delta" if delta else "full", "vision": None, "lm": None}
-    if isinstance(model.vision, HFVisionTower):
-        entry["vision"] = {"source": model.vision.source, "feature_layer": model.vision.feature_layer,
-                           "config": model.vision.model.config.to_dict()}
-    if isinstance(model.lm, HFLanguageModel):
-        entry["lm"] = {"source": model.lm.source, "lora": model.lm.lora, "config": model.lm.causal.config.to_dict()}
-    if delta:
-        frozen = hf_keys(model, frozen_only=True)
-        state = {k: v for k, v in state.items() if k not in frozen}
-        entry["fingerprint"] = fingerprint(model, frozen)
-    for part in ("vision", "lm"):                         # JSON text: plain types for weights_only loading
-        if entry[part] is not None:
-            entry[part]["config"] = json.dumps(entry[part]["config"], default=str)
-    return state, entry
-
-
-def hf_keys(model: VLM, frozen_only: bool = False) -> set[str]:
-    """State-dict keys of the HF parts' parameters (tied weights under every name they have);
-    frozen_only: just those that do not train, i.e. still equal the base weights."""
-    prefixes = tuple(name + "." for name in ("vision", "lm") if getattr(model, name) in hf_parts(model))
-    return {k for k, v in model.state_dict(keep_vars=True).items()
-            if k.startswith(prefixes) and isinstance(v, nn.Parameter) and not (frozen_only and v.requires_grad)}
-
-
-@torch.no_grad()
-def fingerprint(model: VLM, keys: set[str]) -> float:
-    """Sum of the base weights (accumulated in float64 without copying them): a cheap check that
-    the base a delta checkpoint refers to is still the one it was trained on."""
-    state = model.state_dict()
-    return sum(float(state[k].sum(dtype=torch.float64)) for k in sorted(keys))
-
-
-def model_from_checkpoint(obj: dict, tokenizer, path) -> VLM:
-    """Rebuild a VLM with HF parts from a checkpoint dict (either kind) and load its weights."""
-    entry = obj["backbones"]
-    cfg = VLMConfig.from_dict(obj["config"])
-    full = entry["stored"] == "full"
-    vision = lm = None
-    if entry["vision"]:
-        v = entry["vision"]
-        vision, _ = load_vision_tower(v["source"], v["feature_layer"], json.loads(v["config"]) if full else None)
-    if entry["lm"]:
-        l = entry["lm"]
-        if full:
-            lm, _ = load_causal_lm(l["source"], json.loads(l["config"]), tokenizer)
-        else:
-            lm, _ = load_causal_lm(l["source"], tokenizer=tokenizer)
-        if l["lora"]:
-            lm.add_lora(l["lora"]["r"], l["lora"]["alpha"])
-    model = VLM(cfg, vision=vision, lm=lm)
-    restore_weights(model, obj, path)
-    return model
-
-
-def restore_weights(model: VLM, obj: dict, path="检查点"):
-    """Load obj["model"] into model: strictly for a full checkpoint; for a delta, every stored
-    key must load and every key not stored must be a base weight that checks out."""
-    entry = obj.get("backbones") or {"stored": "full"}
-    try:
-        missing, unexpected = model.load_state_dict(obj["model"], strict=False)
-    except RuntimeError as e:
-        raise UserError(f"{path} 的权重与模型结构不符：{str(e).splitlines()[-1].strip()}") from e
-    base = set(missing) & hf_keys(model) if entry["stored"] == "delta" else set()
-    missing = [k for k in missing if k not in base]
-    if missing or unexpected:
-        raise UserError(f"{path} 的权重与模型结构不符：缺少 {sorted(missing)[:5]}，多余 {sorted(unexpected)[:5]}。")
-    if base and not torch.isclose(torch.tensor(fingerprint(model, base), dtype=torch.float64),
-                                  torch.tensor(entry["fingerprint"], dtype=torch.float64), rtol=1e-6, atol=1e-3):
-        sources = ", ".join(e["source"] for e in (entry["vision"], entry["lm"]) if e)
-        raise UserError(f"{path} 只存了训练改动的部分，但它引用的基础模型（{sources}）的权重和训练时不一样。"
-                        f"请换回训练时用的基础模型。")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -488,19 +425,17 @@ def build(a, default_build):
     (our .pt from --checkpoint, or a new model); backbone flags change it:
       --checkpoint an HF causal LM (folder / hub id) -> that LLM, its tokenizer and template;
       --vision-encoder -> that tower instead of the built-in ViT (with a new projector)."""
-    hf_lm = is_hf_lm(a.checkpoint)
-    if hf_lm:
+    if is_hf_lm(a.checkpoint):
         from model import PRESETS
         model, tok = build_vlm(a.vision_encoder, a.checkpoint, a.vision_layer,
                                scratch_cfg=VLMConfig(**PRESETS[getattr(a, "preset", "tiny")]))
         meta = {"base": a.checkpoint}
     else:
         model, tok, meta = default_build()
-        same = isinstance(model.vision, HFVisionTower) and model.vision.source == a.vision_encoder
-        if a.vision_encoder and not same:
+        if a.vision_encoder and model.vision.source != a.vision_encoder:
             model, tok = build_vlm(a.vision_encoder, None, a.vision_layer, base=(model, tok))
-    has_lora = isinstance(model.lm, HFLanguageModel) and model.lm.lora is not None
-    train = a.train or ("lora" if has_lora else "vision+projector" if isinstance(model.lm, HFLanguageModel) else "all")
+    pretrained_lm = model.lm.source is not None
+    train = a.train or ("lora" if pretrained_lm and model.lm.lora else "vision+projector" if pretrained_lm else "all")
     configure_training(model, train, a.lr, a.projector_lr, a.backbone_lr, a.lora_r, a.gradient_checkpointing)
     uses_hf = bool(hf_parts(model))
     weights = a.save or ("delta" if uses_hf else "full")

@@ -4,13 +4,14 @@
     {"format": "vlm-checkpoint", "version": 1, "config": {...}, "tokenizer": "<json>",
      "model": state_dict, "meta": {...}}
 A model with Hugging Face backbones (backbones.py) adds "backbones": {"stored": "full"|"delta",
-"vision": {source, config, ...} | None, "lm": {source, config, lora} | None}. "delta" (chosen with
-meta["weights"] = "delta") leaves the frozen backbone weights out of "model" and loads them from
-the named source again; either kind loads with load_checkpoint.
+"vision": {source, feature_layer, config} | None, "lm": {source, lora, config} | None[, "fingerprint"]}.
+"delta" (chosen with meta["weights"] = "delta") leaves the frozen backbone weights out of "model"
+and loads them from the named source again; either kind loads with load_checkpoint.
 """
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import shutil
@@ -18,9 +19,11 @@ import zipfile
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
+from backbones import hf_parts, load_causal_lm, load_vision_tower
 from errors import UserError
-from model import VLM, LanguageModel, VisionEncoder, VLMConfig
+from model import VLM, VLMConfig
 from tokenizer import Tokenizer, load_tokenizer
 
 FORMAT, RESUME_FORMAT, VERSION = "vlm-checkpoint", "vlm-resume", 1
@@ -112,7 +115,7 @@ def check_writable(path: str | Path, need_bytes: int = 0):
 
 def uses_backbones(model: VLM) -> bool:
     """True when a part is not the built-in one (a Hugging Face backbone, see backbones.py)."""
-    return not (isinstance(model.vision, VisionEncoder) and isinstance(model.lm, LanguageModel))
+    return bool(hf_parts(model))
 
 
 def checkpoint_dict(model: VLM, tokenizer: Tokenizer, meta: dict | None = None) -> dict:
@@ -122,9 +125,43 @@ def checkpoint_dict(model: VLM, tokenizer: Tokenizer, meta: dict | None = None) 
            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
            "meta": meta}
     if uses_backbones(model):
-        import backbones                      # transformers is only imported for models that use it
-        obj["model"], obj["backbones"] = backbones.checkpoint_entry(model, obj["model"], meta.get("weights") == "delta")
+        obj["model"], obj["backbones"] = backbones_entry(model, obj["model"], meta.get("weights") == "delta")
     return obj
+
+
+def backbones_entry(model: VLM, state: dict, delta: bool) -> tuple[dict, dict]:
+    """(state to store, "backbones" entry). delta: frozen weights of the HF parts are left out;
+    the entry names their source and a fingerprint that must match when they are loaded back."""
+    entry = {"stored": "delta" if delta else "full", "vision": None, "lm": None}
+    if model.vision.source is not None:
+        entry["vision"] = {"source": model.vision.source, "feature_layer": model.vision.feature_layer,
+                           "config": model.vision.hf_model.config}
+    if model.lm.source is not None:
+        entry["lm"] = {"source": model.lm.source, "lora": model.lm.lora, "config": model.lm.hf_model.config}
+    if delta:
+        frozen = backbone_keys(model, frozen_only=True)
+        state = {k: v for k, v in state.items() if k not in frozen}
+        entry["fingerprint"] = fingerprint(model, frozen)
+    for part in ("vision", "lm"):                         # JSON text: plain types for weights_only loading
+        if entry[part] is not None:
+            entry[part]["config"] = json.dumps(entry[part]["config"].to_dict(), default=str)
+    return state, entry
+
+
+def backbone_keys(model: VLM, frozen_only: bool = False) -> set[str]:
+    """State-dict keys of the HF parts' parameters (tied weights under every name they have);
+    frozen_only: just those that do not train, i.e. still equal the base weights."""
+    prefixes = tuple(name + "." for name in ("vision", "lm") if getattr(model, name) in hf_parts(model))
+    return {k for k, v in model.state_dict(keep_vars=True).items()
+            if k.startswith(prefixes) and isinstance(v, nn.Parameter) and not (frozen_only and v.requires_grad)}
+
+
+@torch.no_grad()
+def fingerprint(model: VLM, keys: set[str]) -> float:
+    """Sum of the base weights (accumulated in float64 without copying them): a cheap check that
+    the base a delta checkpoint refers to is still the one it was trained on."""
+    state = model.state_dict()
+    return sum(float(state[k].sum(dtype=torch.float64)) for k in sorted(keys))
 
 
 def save_checkpoint(path, model: VLM, tokenizer: Tokenizer, meta: dict | None = None):
@@ -157,24 +194,50 @@ def model_from_dict(obj: dict, path="检查点") -> tuple[VLM, Tokenizer]:
         tokenizer = load_tokenizer(obj["tokenizer"])
     except Exception as e:  # any malformed field: the file is not ours or was edited
         raise UserError(f"{path} 的配置或分词器无法解析：{e}") from e
-    if "backbones" in obj:
-        import backbones
-        return backbones.model_from_checkpoint(obj, tokenizer, path), tokenizer
-    model = VLM(cfg)
+    model = backbones_model(obj["backbones"], cfg, tokenizer) if "backbones" in obj else VLM(cfg)
+    load_weights(model, obj, path)
+    return model, tokenizer
+
+
+def backbones_model(entry: dict, cfg: VLMConfig, tokenizer) -> VLM:
+    """A VLM with its HF parts rebuilt from the "backbones" entry: from the stored configs
+    ("full": their weights are in the file) or from their sources ("delta": the base weights)."""
+    full = entry["stored"] == "full"
+    vision = lm = None
+    if entry["vision"]:
+        v = entry["vision"]
+        vision, _ = load_vision_tower(v["source"], v["feature_layer"], json.loads(v["config"]) if full else None)
+    if entry["lm"]:
+        l = entry["lm"]
+        lm, _ = load_causal_lm(l["source"], json.loads(l["config"]) if full else None, tokenizer)
+        if l["lora"]:
+            lm.add_lora(l["lora"]["r"], l["lora"]["alpha"])
+    return VLM(cfg, vision=vision, lm=lm)
+
+
+def load_weights(model: VLM, obj: dict, path="检查点"):
+    """Load obj["model"] into model: strictly for a full checkpoint; for a delta, every stored
+    key must load and every key not stored must be a base weight that checks out."""
+    entry = obj.get("backbones") or {"stored": "full"}
     try:
         missing, unexpected = model.load_state_dict(obj["model"], strict=False)
     except RuntimeError as e:                                   # shape mismatches
         raise UserError(f"{path} 的权重与模型结构不符：{str(e).splitlines()[-1].strip()}") from e
+    base = set(missing) & backbone_keys(model) if entry["stored"] == "delta" else set()
+    missing = [k for k in missing if k not in base]
     if missing or unexpected:
         raise UserError(f"{path} 的权重与模型结构不符：缺少 {sorted(missing)[:5]}，多余 {sorted(unexpected)[:5]}。")
-    return model, tokenizer
+    if base and not torch.isclose(torch.tensor(fingerprint(model, base), dtype=torch.float64),
+                                  torch.tensor(entry["fingerprint"], dtype=torch.float64), rtol=1e-6, atol=1e-3):
+        sources = ", ".join(e["source"] for e in (entry["vision"], entry["lm"]) if e)
+        raise UserError(f"{path} 只存了训练改动的部分，但它引用的基础模型（{sources}）的权重和训练时不一样。"
+                        f"请换回训练时用的基础模型。")
 
 
 def restore_weights(model: VLM, obj: dict, path="检查点"):
     """Load a checkpoint dict's weights into an already built model (e.g. on --resume)."""
     if "backbones" in obj:
-        import backbones
-        return backbones.restore_weights(model, obj, path)
+        return load_weights(model, obj, path)
     try:
         model.load_state_dict(obj["model"])
     except RuntimeError as e:

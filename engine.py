@@ -6,11 +6,12 @@ One thread owns the model. Each loop it
   3. hands each job its new token; a job leaves the batch on its own (stop token, its own
      max_new_tokens, time limit, or cancelled because its client went away).
 
-With the built-in LanguageModel the batch is elastic: the KV cache is right-aligned (every row's
-newest token sits in the same column, shorter histories are padded on the left and hidden by the
-key mask), so a newly prefilled job is merged in between two steps and a finished row is cut out.
-Other language models (Hugging Face backbones) keep their own cache type, so there a batch is
-formed from whatever is waiting, runs until its last row finishes, and then the next one starts.
+When the language model declares `elastic_cache` (the built-in one) the batch is elastic: the
+KV cache is right-aligned (every row's newest token sits in the same column, shorter histories
+are padded on the left and hidden by the key mask), so a newly prefilled job is merged in between
+two steps and a finished row is cut out. Other language models (Hugging Face backbones) keep
+their own cache type, so there a batch is formed from whatever is waiting, runs until its last
+row finishes, and then the next one starts.
 
 The engine knows nothing of HTTP: callers build a Job, submit() it, and receive events through
 the `publish` callback, called from the engine thread once per step with [(job, kind, value)]:
@@ -26,7 +27,7 @@ import time
 
 import torch
 
-from model import LanguageModel, positions_and_mask, sample
+from model import positions_and_mask, sample
 
 log = logging.getLogger("engine")
 GROW = 64                                   # KV columns added at a time
@@ -112,7 +113,7 @@ class Engine:
         self.banned = torch.tensor(sorted(banned), dtype=torch.long, device=self.device)  # never sampled
         self.max_batch, self.max_queue = max_batch, max_queue
         self.publish = publish or (lambda events: None)
-        self.elastic = isinstance(model.lm, LanguageModel)
+        self.elastic = model.lm.elastic_cache          # else fixed batches (see the module docstring)
         self.cv = threading.Condition()
         self.waiting: collections.deque[Job] = collections.deque()
         self.closing = False

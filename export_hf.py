@@ -2,9 +2,10 @@
 
     python export_hf.py --checkpoint checkpoints/vision_trained_model.pt --output exported/
 The folder then loads with LlavaForConditionalGeneration.from_pretrained(DIR) and
-AutoProcessor.from_pretrained(DIR). The built-in ViT maps onto CLIPVisionModel and the built-in
-decoder onto LlamaForCausalLM (the layouts in model.py were chosen for this); Hugging Face towers
-(CLIP, SigLIP) and causal LMs are copied as they are, with LoRA adapters merged first.
+AutoProcessor.from_pretrained(DIR). Each part gives its own transformers config and weights
+(llava_vision / llava_text): the built-in ViT as CLIPVisionModel and the built-in decoder as
+LlamaForCausalLM (model.py's layouts were chosen for this); Hugging Face towers (CLIP, SigLIP)
+and causal LMs as they are, with LoRA adapters merged first.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from checkpoint import load_checkpoint
 from errors import ArgumentParser, UserError, cli
-from model import VLM, LanguageModel, VisionEncoder, VLMConfig
+from model import VLM
 from tokenizer import ASSISTANT, BOS, EOS, IMAGE, PAD, USER, Tokenizer
 
 # The built-in chat template (tokenizer.py) in Jinja; content may be a string with <image>
@@ -29,64 +30,7 @@ BUILTIN_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-# ----------------------------------------------------------------------------- built-in parts
-
-def clip_vision_config(cfg: VLMConfig):
-    from transformers import CLIPVisionConfig
-    return CLIPVisionConfig(hidden_size=cfg.vit_dim, intermediate_size=int(cfg.vit_dim * cfg.vit_mlp_ratio),
-                            num_hidden_layers=cfg.vit_layers, num_attention_heads=cfg.vit_heads,
-                            image_size=cfg.vit_image_size, patch_size=cfg.vit_patch_size,
-                            hidden_act="gelu", layer_norm_eps=1e-5)   # exact GELU, nn.LayerNorm's eps
-
-
-def vit_to_clip(vit: VisionEncoder) -> dict:
-    """Our ViT's weights under CLIPVisionModel's names (fused qkv split into q/k/v)."""
-    p = "vision_model."
-    sd = {p + "embeddings.patch_embedding.weight": vit.patch_embed.weight,
-          p + "embeddings.class_embedding": vit.cls,
-          p + "embeddings.position_embedding.weight": vit.pos,
-          p + "pre_layrnorm.weight": vit.pre_norm.weight, p + "pre_layrnorm.bias": vit.pre_norm.bias,
-          # post_layernorm only feeds CLIP's pooled output, which LLaVA does not use
-          p + "post_layernorm.weight": torch.ones_like(vit.pre_norm.weight),
-          p + "post_layernorm.bias": torch.zeros_like(vit.pre_norm.bias)}
-    for i, b in enumerate(vit.blocks):
-        layer = f"{p}encoder.layers.{i}."
-        for name, w, bias in zip(("q_proj", "k_proj", "v_proj"), b.qkv.weight.chunk(3), b.qkv.bias.chunk(3)):
-            sd[f"{layer}self_attn.{name}.weight"], sd[f"{layer}self_attn.{name}.bias"] = w, bias
-        for ours, theirs in (("out", "self_attn.out_proj"), ("norm1", "layer_norm1"), ("norm2", "layer_norm2"),
-                             ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2")):
-            sd[f"{layer}{theirs}.weight"] = getattr(b, ours).weight
-            sd[f"{layer}{theirs}.bias"] = getattr(b, ours).bias
-    return sd
-
-
-def llama_config(cfg: VLMConfig):
-    from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=cfg.lm_vocab_size, hidden_size=cfg.lm_dim, intermediate_size=cfg.lm_hidden,
-                       num_hidden_layers=cfg.lm_layers, num_attention_heads=cfg.lm_heads,
-                       num_key_value_heads=cfg.lm_kv_heads, max_position_embeddings=cfg.lm_max_len,
-                       rms_norm_eps=cfg.lm_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": cfg.lm_rope_theta},
-                       tie_word_embeddings=True, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
-                       pad_token_id=cfg.pad_token_id)
-
-
-def lm_to_llama(lm: LanguageModel) -> dict:
-    """Our decoder's weights under LlamaModel's names (fused qkv and gate_up split)."""
-    c = lm.cfg
-    hd = c.lm_dim // c.lm_heads
-    sd = {"embed_tokens.weight": lm.embed.weight, "norm.weight": lm.norm.weight}
-    for i, b in enumerate(lm.blocks):
-        layer = f"layers.{i}."
-        q, k, v = b.qkv.weight.split([c.lm_heads * hd, c.lm_kv_heads * hd, c.lm_kv_heads * hd])
-        gate, up = b.gate_up.weight.chunk(2)
-        sd.update({layer + "self_attn.q_proj.weight": q, layer + "self_attn.k_proj.weight": k,
-                   layer + "self_attn.v_proj.weight": v, layer + "self_attn.o_proj.weight": b.o.weight,
-                   layer + "mlp.gate_proj.weight": gate, layer + "mlp.up_proj.weight": up,
-                   layer + "mlp.down_proj.weight": b.down.weight,
-                   layer + "input_layernorm.weight": b.attn_norm.weight,
-                   layer + "post_attention_layernorm.weight": b.mlp_norm.weight})
-    return sd
-
+# ----------------------------------------------------------------------------- built-in tokenizer
 
 def builtin_tokenizer(tok: Tokenizer):
     """Our BPE as a PreTrainedTokenizerFast that reads <image> and the other markers as tokens."""
@@ -107,26 +51,14 @@ def to_llava(model: VLM, tok):
     import backbones
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     backbones.quiet_transformers()
-    cfg = model.cfg
-    if isinstance(model.vision, VisionEncoder):
-        vision_config, vision_sd, layer, has_cls = clip_vision_config(cfg), vit_to_clip(model.vision), -1, True
-    else:
-        tower = model.vision
-        if tower.kind == "siglip2":
-            raise UserError("SigLIP2 视觉塔（NaFlex）没有对应的 LLaVA 格式，暂不能导出；请改用 CLIP 或 SigLIP 视觉塔。")
-        vision_config, vision_sd = tower.model.config, tower.model.state_dict()
-        layer, has_cls = tower.feature_layer, tower.kind == "clip"
-    if isinstance(model.lm, LanguageModel):
-        text_config, decoder_sd, head = llama_config(cfg), lm_to_llama(model.lm), model.lm.embed.weight
-        hf_tok = builtin_tokenizer(tok)
-    else:
-        causal = model.lm.merged()                          # LoRA folded into the weights
-        text_config, decoder_sd = causal.config, causal.get_decoder().state_dict()
-        head, hf_tok = causal.get_output_embeddings().weight, tok.hf
+    cfg, vision, lm = model.cfg, model.vision, model.lm
+    vision_config, vision_sd = vision.llava_vision()
+    text_config, decoder_sd, head = lm.llava_text()
+    hf_tok = tok.hf if lm.source is not None else builtin_tokenizer(tok)     # an HF LM brings its own
     config = LlavaConfig(vision_config=vision_config, text_config=text_config, image_token_index=cfg.image_token_id,
                          image_seq_length=cfg.image_tokens, projector_hidden_act="gelu",
-                         vision_feature_select_strategy="default" if has_cls else "full",
-                         vision_feature_layer=layer, multimodal_projector_bias=True)
+                         vision_feature_select_strategy="default" if vision.has_cls else "full",
+                         vision_feature_layer=vision.feature_layer, multimodal_projector_bias=True)
     llava = LlavaForConditionalGeneration(config).eval()
     inner = llava.model
     with torch.no_grad():
@@ -147,7 +79,7 @@ def to_llava(model: VLM, tok):
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=hf_tok, patch_size=cfg.vit_patch_size,
                                vision_feature_select_strategy=config.vision_feature_select_strategy,
                                chat_template=hf_tok.chat_template, image_token=IMAGE,
-                               num_additional_image_tokens=1 if has_cls else 0)
+                               num_additional_image_tokens=1 if vision.has_cls else 0)
     return llava, processor
 
 

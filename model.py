@@ -106,10 +106,12 @@ class VisionEncoder(nn.Module):
     """ViT: conv patch embedding + CLS + learned positions -> pre-LN -> blocks.
 
     Returns the last block's patch features with CLS dropped (LLaVA's "default" strategy)."""
+    source = None               # built here: the weights live only in our checkpoint
+    has_cls, feature_layer = True, -1
 
     def __init__(self, cfg: VLMConfig):
         super().__init__()
-        n = cfg.image_tokens
+        self.cfg, n = cfg, cfg.image_tokens
         self.patch_embed = nn.Conv2d(3, cfg.vit_dim, cfg.vit_patch_size, cfg.vit_patch_size, bias=False)
         self.cls = nn.Parameter(torch.randn(cfg.vit_dim) * 0.02)
         self.pos = nn.Parameter(torch.randn(n + 1, cfg.vit_dim) * 0.02)
@@ -124,6 +126,29 @@ class VisionEncoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         return x[:, 1:]                                      # (B, N, Dv)
+
+    def llava_vision(self) -> tuple[dict, dict]:
+        """(CLIPVisionConfig fields, these weights under CLIPVisionModel's names) for the LLaVA
+        export (export_hf.py): same layout, only the fused qkv is split into q/k/v."""
+        c, p = self.cfg, "vision_model."
+        config = dict(model_type="clip_vision_model", hidden_size=c.vit_dim, num_hidden_layers=c.vit_layers,
+                      intermediate_size=int(c.vit_dim * c.vit_mlp_ratio), num_attention_heads=c.vit_heads,
+                      image_size=c.vit_image_size, patch_size=c.vit_patch_size,
+                      hidden_act="gelu", layer_norm_eps=1e-5)         # exact GELU, nn.LayerNorm's eps
+        sd = {p + "embeddings.patch_embedding.weight": self.patch_embed.weight,
+              p + "embeddings.class_embedding": self.cls, p + "embeddings.position_embedding.weight": self.pos,
+              p + "pre_layrnorm.weight": self.pre_norm.weight, p + "pre_layrnorm.bias": self.pre_norm.bias,
+              # post_layernorm only feeds CLIP's pooled output, which LLaVA does not use
+              p + "post_layernorm.weight": torch.ones_like(self.pre_norm.weight),
+              p + "post_layernorm.bias": torch.zeros_like(self.pre_norm.bias)}
+        for i, b in enumerate(self.blocks):
+            layer = f"{p}encoder.layers.{i}."
+            for name, w, bias in zip(("q_proj", "k_proj", "v_proj"), b.qkv.weight.chunk(3), b.qkv.bias.chunk(3)):
+                sd[f"{layer}self_attn.{name}.weight"], sd[f"{layer}self_attn.{name}.bias"] = w, bias
+            for ours, theirs in (("out", "self_attn.out_proj"), ("norm1", "layer_norm1"), ("norm2", "layer_norm2"),
+                                 ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2")):
+                sd[f"{layer}{theirs}.weight"], sd[f"{layer}{theirs}.bias"] = getattr(b, ours).weight, getattr(b, ours).bias
+        return config, sd
 
 
 class Projector(nn.Module):
@@ -221,9 +246,13 @@ class DecoderBlock(nn.Module):
 
 
 class LanguageModel(nn.Module):
+    source = None               # built here: the weights live only in our checkpoint
+    elastic_cache = True        # KVCache's layout: a server may join and cut rows between steps (engine.py)
+
     def __init__(self, cfg: VLMConfig):
         super().__init__()
         self.cfg = cfg
+        self.max_len = cfg.lm_max_len                              # the RoPE table ends there
         self.embed = nn.Embedding(cfg.lm_vocab_size, cfg.lm_dim)
         self.blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.lm_layers))
         self.norm = RMSNorm(cfg.lm_dim, cfg.lm_norm_eps)
@@ -249,14 +278,38 @@ class LanguageModel(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.cfg, batch, max_len)
 
+    def llava_text(self) -> tuple[dict, dict, torch.Tensor]:
+        """(LlamaConfig fields, these weights under LlamaModel's names, lm_head weight) for the
+        LLaVA export (export_hf.py): same layout, only fused qkv and gate_up are split."""
+        c = self.cfg
+        hd = c.lm_dim // c.lm_heads
+        config = dict(model_type="llama", vocab_size=c.lm_vocab_size, hidden_size=c.lm_dim,
+                      intermediate_size=c.lm_hidden, num_hidden_layers=c.lm_layers, num_attention_heads=c.lm_heads,
+                      num_key_value_heads=c.lm_kv_heads, max_position_embeddings=c.lm_max_len,
+                      rms_norm_eps=c.lm_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": c.lm_rope_theta},
+                      tie_word_embeddings=True, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+                      pad_token_id=c.pad_token_id)
+        sd = {"embed_tokens.weight": self.embed.weight, "norm.weight": self.norm.weight}
+        for i, b in enumerate(self.blocks):
+            q, k, v = b.qkv.weight.split([c.lm_heads * hd, c.lm_kv_heads * hd, c.lm_kv_heads * hd])
+            gate, up = b.gate_up.weight.chunk(2)
+            sd.update({f"layers.{i}.{name}.weight": w for name, w in (
+                ("self_attn.q_proj", q), ("self_attn.k_proj", k), ("self_attn.v_proj", v), ("self_attn.o_proj", b.o.weight),
+                ("mlp.gate_proj", gate), ("mlp.up_proj", up), ("mlp.down_proj", b.down.weight),
+                ("input_layernorm", b.attn_norm.weight), ("post_attention_layernorm", b.mlp_norm.weight))})
+        return config, sd, self.embed.weight
+
 
 # ----------------------------------------------------------------------------- the VLM
 
 class VLM(nn.Module):
     """vision and lm default to the modules above. Any module with the same small interface can
-    stand in (backbones.py wraps Hugging Face towers and LLMs this way):
-    vision(pixels) -> (B, N, vit_dim); lm(embeds, positions, mask, cache) -> hidden states,
-    lm.embed(ids), lm.logits(hidden), lm.new_cache(batch, max_len). Given modules keep their weights."""
+    stand in (backbones.py wraps Hugging Face towers and LLMs this way). Given modules keep their weights.
+      vision(pixels) -> (B, N, vit_dim); it declares has_cls (a CLS token was dropped), feature_layer,
+        source (where pretrained weights come from; None: built here) and llava_vision() for export.
+      lm(embeds, positions, mask, cache, q_from) -> hidden states; lm.embed(ids), lm.logits(hidden),
+        lm.new_cache(batch, max_len); it declares max_len (None: no fixed context), elastic_cache
+        (the engine may join/cut cache rows), source, and llava_text() for export."""
 
     def __init__(self, cfg: VLMConfig, vision: nn.Module | None = None, lm: nn.Module | None = None):
         super().__init__()
@@ -304,8 +357,8 @@ class VLM(nn.Module):
         # The last decoder block only has to produce the positions whose logits are taken, from
         # the first supervised column on (image tokens mostly come before it): ~15% less work.
         cols = keep.any(0).nonzero()
-        start = int(cols[0]) if len(cols) and isinstance(self.lm, LanguageModel) else 0
-        h = self.lm(x, positions.to(x.device), mask, **({"q_from": start} if start else {}))
+        start = int(cols[0]) if len(cols) else 0
+        h = self.lm(x, positions.to(x.device), mask, q_from=start)    # (B, T - start, D)
         logits = self.lm.logits(h[:, :-1][keep[:, start:]])           # (n_supervised, V)
         loss = F.cross_entropy(logits.float(), target[keep])
         return loss, logits
@@ -320,9 +373,9 @@ class VLM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         stop = torch.tensor(sorted({self.cfg.eos_token_id, *(stop_ids or ())}), device=input_ids.device)
-        if isinstance(self.lm, LanguageModel) and T + max_new_tokens > self.cfg.lm_max_len:
+        if self.lm.max_len is not None and T + max_new_tokens > self.lm.max_len:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"context of {self.cfg.lm_max_len} tokens")
+                             f"context of {self.lm.max_len} tokens")
         cache = self.lm.new_cache(B, T + max_new_tokens)
         x = self.embed(input_ids, pixels)
         key_mask = attention_mask.bool()

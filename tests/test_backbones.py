@@ -190,6 +190,23 @@ def test_our_checkpoint_as_the_llm_with_a_clip_tower(hf, tok, tmp_path):
         assert torch.equal(reloaded(torch.tensor([ids]), pixels)[1], model.eval()(torch.tensor([ids]), pixels)[1])
 
 
+def test_parts_declare_what_they_have(hf, tok):
+    """model.py, engine.py, export_hf.py and checkpoint.py ask a part what it has, never its type."""
+    from model import VLM
+    from tests.conftest import tiny_config
+    ours = VLM(tiny_config(tok))
+    clip_qwen, _ = backbones.build_vlm(hf["clip"], hf["qwen2"])
+    siglip, _ = backbones.build_vlm(hf["siglip"], base=(ours, tok))
+    assert (ours.vision.has_cls, ours.vision.feature_layer, ours.vision.source) == (True, -1, None)
+    assert (clip_qwen.vision.has_cls, clip_qwen.vision.feature_layer, clip_qwen.vision.source) == (True, -2, hf["clip"])
+    assert not siglip.vision.has_cls and siglip.lm.source is None
+    assert (ours.lm.elastic_cache, ours.lm.max_len, ours.lm.source) == (True, ours.cfg.lm_max_len, None)
+    assert (clip_qwen.lm.elastic_cache, clip_qwen.lm.max_len, clip_qwen.lm.source) == (False, None, hf["qwen2"])
+    for part in (ours.vision, clip_qwen.vision):
+        config, weights = part.llava_vision()
+        assert weights and config is not None
+
+
 def test_siglip2_tower_takes_square_images(tmp_path, hf):
     from transformers import Siglip2VisionConfig, Siglip2VisionModel
     Siglip2VisionModel(Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
