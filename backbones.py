@@ -71,7 +71,7 @@ def check_hub(source: str):
     switch to offline mode, so cached models still load and a missing one fails at once instead
     of after half a minute of network retries."""
     import huggingface_hub.constants
-    from captions import hub_reachable
+    from hub import hub_reachable
     if is_local(source) or huggingface_hub.constants.HF_HUB_OFFLINE or hub_reachable():
         return
     print(f"连不上 Hugging Face Hub（{os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}），只在本机缓存中查找模型。",

@@ -37,13 +37,6 @@ def log(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
-def __getattr__(name):
-    """backbones.py still imports hub_reachable from here; it lives in hub.py."""
-    if name == "hub_reachable":
-        from hub import hub_reachable
-        return hub_reachable
-    raise AttributeError(f"module 'captions' has no attribute {name!r}")
-
 
 # ----------------------------------------------------------------------------- captions
 

@@ -26,6 +26,8 @@ BUILTIN_TEMPLATE = (
     "{% if m['content'] is string %}{% set text = m['content'] %}{% else %}{% set text = namespace(s='') %}"
     "{% for part in m['content'] %}{% if part['type'] == 'image' %}{% set text.s = text.s + '<image>' %}"
     "{% else %}{% set text.s = text.s + part['text'] %}{% endif %}{% endfor %}{% set text = text.s %}{% endif %}"
+    "{% set n = text.count('<image>') %}{% if m['role'] == 'user' and not text.startswith('<image>' * n) %}"
+    "{% set text = '<image>' * n + (text.split('<image>') | map('trim') | select | join(' ')) %}{% endif %}"
     "{% if m['role'] == 'user' %}<|user|>{{ text }}{% else %}<|assistant|>{{ text }}{{ eos_token }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 

@@ -131,7 +131,7 @@ def test_hub_id_offline_fails_fast_with_one_chinese_line(hf, tmp_path, monkeypat
     import huggingface_hub.constants
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr("captions.hub_reachable", lambda: False)
+    monkeypatch.setattr("hub.hub_reachable", lambda: False)
     t = time.monotonic()
     with pytest.raises(UserError, match=r"Qwen/Qwen2\.5-0\.5B-Instruct.*HF_ENDPOINT"):
         backbones.build_vlm(hf["clip"], "Qwen/Qwen2.5-0.5B-Instruct")

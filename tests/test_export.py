@@ -133,3 +133,19 @@ def test_builtin_presets_map_onto_clip_and_llama(preset, tok):
     assert type(llava.model.vision_tower).__name__.startswith("CLIPVision")
     text = processor.apply_chat_template([{"role": "user", "content": "<image>描述这张图片。"}], add_generation_prompt=True)
     assert compare(model, tok, llava.eval(), processor, text) < 1e-4
+
+
+def test_exported_template_puts_images_first_like_ours(tok):
+    """The exported chat template renders any order of text and image parts exactly as our
+    tokenizer encodes it (images in front of a turn's words)."""
+    from export_hf import builtin_tokenizer
+    hf = builtin_tokenizer(tok)
+    cases = [([{"type": "text", "text": "描述这张图片。"}, {"type": "image"}], 1),
+             ([{"type": "image"}, {"type": "text", "text": "描述这张图片。"}], 1),
+             ([{"type": "text", "text": "左边 "}, {"type": "image"}, {"type": "text", "text": " 和右边"}, {"type": "image"}], 2),
+             ("描述这张图片<image>", 1)]
+    for content, n in cases:
+        text = hf.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+        plain = content if isinstance(content, str) else "".join(p.get("text", "<image>") for p in content)
+        ours, _ = tok.encode_chat([{"role": "user", "content": plain}], 1, n, add_generation_prompt=True)
+        assert hf(text, add_special_tokens=False)["input_ids"] == ours, (content, text)
