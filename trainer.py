@@ -14,6 +14,9 @@ all-reduce (no_sync); only rank 0 prints, logs and writes files. Resume state re
 consumed in the epoch, so a run may continue on a different number of processes. Datasets whose items change
 per epoch (a fresh question, another of five captions) set `epoch_keys = True` and receive
 (epoch, index) keys instead of plain indices, which also works with persistent workers.
+
+Read Trainer.fit first: fit -> train_epoch -> train_batch -> optimizer_step, then end_epoch;
+the methods below them are the parts they call. Options: train_config.py; files: checkpoint.py.
 """
 from __future__ import annotations
 
@@ -103,8 +106,6 @@ def param_groups(modules, weight_decay: float):
             for s in sorted({s for _, s in groups} | {1.0}, reverse=True) for nd in (False, True)]
 
 
-
-
 @contextlib.contextmanager
 def signals_caught(handler):
     """SIGINT and SIGTERM call `handler` inside the block; the previous handlers come back after."""
@@ -176,58 +177,50 @@ class Trainer:
             net = torch.compile(net)
         return net
 
-    # ------------------------------------------------------------------ data
-    def loader(self, data, epoch: int, start: int = 0, shuffle: bool = True):
-        """This rank's batches. shuffle: the epoch's permutation from sample `start` on, cut
-        into global batches of batch-size x processes; rank r takes the r-th slice of each, and
-        only whole optimizer steps are kept, so every rank makes the same number of steps.
-        Without shuffle (evaluation) rank r takes items r, r+W, ... and nothing is dropped."""
-        B, W = self.cfg.batch_size, self.world
-        if shuffle:
-            g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
-            order = torch.randperm(len(data), generator=g)[start:self.batches_per_epoch * B * W].tolist()
-            keys = rank_keys(order, B, W, self.rank, self.cfg.accum)
-        else:
-            keys = list(range(self.rank, len(data), W))
-        if getattr(data, "epoch_keys", False):
-            keys = [(epoch, i) for i in keys]
-        if (id(data), shuffle) not in self.loaders:
-            self.loaders[id(data), shuffle] = DataLoader(
-                data, batch_size=B, sampler=EpochKeys(), collate_fn=self.collate,
-                num_workers=self.workers, drop_last=shuffle, pin_memory=self.device.type == "cuda",
-                persistent_workers=self.workers > 0)
-        loader = self.loaders[id(data), shuffle]
-        loader.sampler.keys = keys
-        return loader
-
-    def to_device(self, batch):
-        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                for k, v in batch.items()}
-
-    # ------------------------------------------------------------------ steps
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
-
-    @contextlib.contextmanager
-    def cached_features(self):
-        """Inside the block the model sees its frozen tower through the feature cache (if there
-        is one); outside it holds the bare tower, so saved checkpoints keep their keys."""
-        if self.feature_cache is None:
-            yield
-            return
-        self.model.vision = self.feature_cache
+    # ------------------------------------------------------------------ the loop, top to bottom
+    def fit(self):
+        """Train from epoch `self.epoch` (0, or where --resume left off) to the last; returns the
+        best score. Ctrl-C / SIGTERM save resume state and raise TrainingInterrupted."""
+        if self.is_main:
+            check_writable(self.cfg.output, self.resume_bytes())
+        if self.cfg.resume:
+            self.load_resume()
         try:
-            yield
+            with signals_caught(self._on_signal):
+                self.model.train()
+                for epoch in range(self.epoch, self.cfg.epochs):
+                    self.epoch = epoch
+                    train_loss, samples_per_s = self.train_epoch(epoch)
+                    self.end_epoch(epoch, train_loss, samples_per_s)
         finally:
-            self.model.vision = self.feature_cache.tower
+            if self.feature_cache is not None:
+                self.feature_cache.store.clear()
+        if self.world > 1:
+            dist.barrier()                  # rank 0's last checkpoint is on disk before anyone leaves
+        return self.best
 
-    def loss(self, batch):
-        """(loss to optimise, the language-model loss that is shown and logged)."""
-        with self.autocast(), self.cached_features():
-            return self.net(batch)
-
-    def all_reduce(self, values: list[float], op=None) -> list[float]:
-        return all_reduce(values, self.world, self.device, op)
+    def train_epoch(self, epoch: int) -> tuple[float, float]:
+        """One pass over the epoch's batches, from where a resumed run stopped.
+        Returns (mean language-model loss, samples per second), over all ranks."""
+        bar = tqdm(total=self.batches_per_epoch, initial=self.batch_in_epoch, desc=f"Epoch {epoch + 1}/{self.cfg.epochs}",
+                   bar_format=BAR, mininterval=0.5, dynamic_ncols=True, disable=not self.is_main)
+        running, seen, t0, samples, shown = 0.0, 0, time.time(), 0, 0.0
+        batches = self.loader(self.train_data, epoch, self.seen_in_epoch)
+        with bar:
+            for j, batch in enumerate(batches):
+                batch = self.to_device(batch)
+                lm_loss = self.train_batch(batch, sync=(j + 1) % self.cfg.accum == 0)
+                running = running + lm_loss                    # stays on the device: no per-step sync
+                seen += 1
+                samples += len(batch["input_ids"]) * self.world
+                if self.is_main and (j == len(batches) - 1 or time.time() - shown > 0.5):  # read the loss only to show it
+                    shown = time.time()
+                    lr = self.opt.param_groups[0]["lr"]
+                    bar.set_postfix_str(f"loss={float(lm_loss):.2f}, avg={float(running) / seen:.2f}, lr={lr:.1e}",
+                                        refresh=False)
+                bar.update(1)
+        total, count, samples = self.all_reduce([float(running), seen, samples])
+        return total / max(1, count), samples / (time.time() - t0)
 
     def train_batch(self, batch, sync: bool):
         """Forward and backward of one micro-batch; on the last of an optimizer step (`sync`) the
@@ -275,6 +268,84 @@ class Trainer:
         self.step += 1
         return True
 
+    def end_epoch(self, epoch: int, train_loss: float, samples_per_s: float):
+        """Report the epoch, validate, run the callback, keep the best checkpoint, log, save resume state."""
+        self.say(f"Epoch {epoch + 1} 完成, 平均损失: {train_loss:.2f}")
+        if epoch == 0:
+            self.report_feature_cache()
+        record = {"epoch": epoch + 1, "step": self.step, "train_loss": round(train_loss, 5),
+                  "lr": self.opt.param_groups[0]["lr"], "samples_per_s": round(samples_per_s, 2),
+                  "skipped_steps": self.skipped}
+        if self.world > 1:
+            record["processes"] = self.world
+        score = train_loss
+        if self.val_data is not None and len(self.val_data):
+            score = record["val_loss"] = round(self.evaluate_loss(self.val_data), 5)
+            self.say(f"验证损失: {score:.4f}")
+        report = self.epoch_report(epoch)
+        record.update(report.metrics)
+        if report.score is not None:
+            score = report.score
+        if score < self.best:
+            self.best = score
+            if self.is_main:
+                print("→ 新的最佳损失! 保存模型...", flush=True)
+                save_checkpoint(self.cfg.output, self.model, self.tokenizer,
+                                {**self.meta, "epoch": epoch + 1, "step": self.step, "score": score})
+        self.log_metrics(record)
+        self.epoch, self.batch_in_epoch, self.seen_in_epoch = epoch + 1, 0, 0
+        self.save_resume()
+
+    # ------------------------------------------------------------------ data
+    def loader(self, data, epoch: int, start: int = 0, shuffle: bool = True):
+        """This rank's batches. shuffle: the epoch's permutation from sample `start` on, cut
+        into global batches of batch-size x processes; rank r takes the r-th slice of each, and
+        only whole optimizer steps are kept, so every rank makes the same number of steps.
+        Without shuffle (evaluation) rank r takes items r, r+W, ... and nothing is dropped."""
+        B, W = self.cfg.batch_size, self.world
+        if shuffle:
+            g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
+            order = torch.randperm(len(data), generator=g)[start:self.batches_per_epoch * B * W].tolist()
+            keys = rank_keys(order, B, W, self.rank, self.cfg.accum)
+        else:
+            keys = list(range(self.rank, len(data), W))
+        if getattr(data, "epoch_keys", False):
+            keys = [(epoch, i) for i in keys]
+        if (id(data), shuffle) not in self.loaders:
+            self.loaders[id(data), shuffle] = DataLoader(
+                data, batch_size=B, sampler=EpochKeys(), collate_fn=self.collate,
+                num_workers=self.workers, drop_last=shuffle, pin_memory=self.device.type == "cuda",
+                persistent_workers=self.workers > 0)
+        loader = self.loaders[id(data), shuffle]
+        loader.sampler.keys = keys
+        return loader
+
+    def to_device(self, batch):
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ forward passes
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    @contextlib.contextmanager
+    def cached_features(self):
+        """Inside the block the model sees its frozen tower through the feature cache (if there
+        is one); outside it holds the bare tower, so saved checkpoints keep their keys."""
+        if self.feature_cache is None:
+            yield
+            return
+        self.model.vision = self.feature_cache
+        try:
+            yield
+        finally:
+            self.model.vision = self.feature_cache.tower
+
+    def loss(self, batch):
+        """(loss to optimise, the language-model loss that is shown and logged)."""
+        with self.autocast(), self.cached_features():
+            return self.net(batch)
+
     @torch.no_grad()
     def evaluate_loss(self, data) -> float:
         self.model.eval()
@@ -299,7 +370,7 @@ class Trainer:
         self.model.train()
         return report
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ resume state
     def state(self) -> dict:
         progress = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                     "seen_in_epoch": self.seen_in_epoch, "world_size": self.world, "best": self.best,
@@ -331,11 +402,9 @@ class Trainer:
         if self.is_main:
             self.log(f"从断点继续：第 {self.epoch + 1} 轮，第 {self.batch_in_epoch} 批（全局第 {self.step} 步）")
 
-    def log_metrics(self, record: dict):
-        if not self.is_main:
-            return
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    # ------------------------------------------------------------------ processes, signals, output
+    def all_reduce(self, values: list[float], op=None) -> list[float]:
+        return all_reduce(values, self.world, self.device, op)
 
     def _on_signal(self, signum, frame):
         self.stop_signal = signum
@@ -349,78 +418,11 @@ class Trainer:
         if self.is_main:
             print(msg, flush=True)
 
-    # ------------------------------------------------------------------ loop
-    def fit(self):
-        """Train from epoch `self.epoch` (0, or where --resume left off) to the last; returns the
-        best score. Ctrl-C / SIGTERM save resume state and raise TrainingInterrupted."""
-        if self.is_main:
-            check_writable(self.cfg.output, self.resume_bytes())
-        if self.cfg.resume:
-            self.load_resume()
-        try:
-            with signals_caught(self._on_signal):
-                self.model.train()
-                for epoch in range(self.epoch, self.cfg.epochs):
-                    self.epoch = epoch
-                    train_loss, samples_per_s = self.train_epoch(epoch)
-                    self.end_epoch(epoch, train_loss, samples_per_s)
-        finally:
-            if self.feature_cache is not None:
-                self.feature_cache.store.clear()
-        if self.world > 1:
-            dist.barrier()                  # rank 0's last checkpoint is on disk before anyone leaves
-        return self.best
-
-    def train_epoch(self, epoch: int) -> tuple[float, float]:
-        """One pass over the epoch's batches, from where a resumed run stopped.
-        Returns (mean language-model loss, samples per second), over all ranks."""
-        bar = tqdm(total=self.batches_per_epoch, initial=self.batch_in_epoch, desc=f"Epoch {epoch + 1}/{self.cfg.epochs}",
-                   bar_format=BAR, mininterval=0.5, dynamic_ncols=True, disable=not self.is_main)
-        running, seen, t0, samples, shown = 0.0, 0, time.time(), 0, 0.0
-        batches = self.loader(self.train_data, epoch, self.seen_in_epoch)
-        with bar:
-            for j, batch in enumerate(batches):
-                batch = self.to_device(batch)
-                lm_loss = self.train_batch(batch, sync=(j + 1) % self.cfg.accum == 0)
-                running = running + lm_loss                    # stays on the device: no per-step sync
-                seen += 1
-                samples += len(batch["input_ids"]) * self.world
-                if self.is_main and (j == len(batches) - 1 or time.time() - shown > 0.5):  # read the loss only to show it
-                    shown = time.time()
-                    lr = self.opt.param_groups[0]["lr"]
-                    bar.set_postfix_str(f"loss={float(lm_loss):.2f}, avg={float(running) / seen:.2f}, lr={lr:.1e}",
-                                        refresh=False)
-                bar.update(1)
-        total, count, samples = self.all_reduce([float(running), seen, samples])
-        return total / max(1, count), samples / (time.time() - t0)
-
-    def end_epoch(self, epoch: int, train_loss: float, samples_per_s: float):
-        """Report the epoch, validate, run the callback, keep the best checkpoint, log, save resume state."""
-        self.say(f"Epoch {epoch + 1} 完成, 平均损失: {train_loss:.2f}")
-        if epoch == 0:
-            self.report_feature_cache()
-        record = {"epoch": epoch + 1, "step": self.step, "train_loss": round(train_loss, 5),
-                  "lr": self.opt.param_groups[0]["lr"], "samples_per_s": round(samples_per_s, 2),
-                  "skipped_steps": self.skipped}
-        if self.world > 1:
-            record["processes"] = self.world
-        score = train_loss
-        if self.val_data is not None and len(self.val_data):
-            score = record["val_loss"] = round(self.evaluate_loss(self.val_data), 5)
-            self.say(f"验证损失: {score:.4f}")
-        report = self.epoch_report(epoch)
-        record.update(report.metrics)
-        if report.score is not None:
-            score = report.score
-        if score < self.best:
-            self.best = score
-            if self.is_main:
-                print("→ 新的最佳损失! 保存模型...", flush=True)
-                save_checkpoint(self.cfg.output, self.model, self.tokenizer,
-                                {**self.meta, "epoch": epoch + 1, "step": self.step, "score": score})
-        self.log_metrics(record)
-        self.epoch, self.batch_in_epoch, self.seen_in_epoch = epoch + 1, 0, 0
-        self.save_resume()
+    def log_metrics(self, record: dict):
+        if not self.is_main:
+            return
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def report_feature_cache(self):
         fc = self.feature_cache
