@@ -66,6 +66,9 @@ def flag_fields():
 def add_train_flags(p: argparse.ArgumentParser, **defaults):
     """TrainConfig's flags, for both training scripts; `defaults` are one script's own defaults
     (e.g. batch_size=48), the rest come from the fields."""
+    unknown = set(defaults) - {f.name for f in flag_fields()}
+    if unknown:
+        raise TypeError(f"not TrainConfig flags: {sorted(unknown)}")
     for f in flag_fields():
         kw = dict(f.metadata)
         help, flag = kw.pop("help"), kw.pop("flag") or "--" + f.name.replace("_", "-")

@@ -21,6 +21,19 @@ def test_schedule_warmup_peak_and_end():
     assert all(a >= b for a, b in zip(values, values[1:]))          # monotone decay after warmup
 
 
+def test_flags_come_from_train_config_with_each_scripts_own_defaults():
+    import train_vision
+    import train_vision_real
+    from train_config import config_from_args
+    demo = config_from_args(train_vision.build_parser().parse_args([]))
+    assert demo == TrainConfig(batch_size=48, epochs=7, lr=1e-3)
+    real = config_from_args(train_vision_real.build_parser().parse_args([]))
+    assert real == TrainConfig()
+    cfg = config_from_args(train_vision.build_parser().parse_args(
+        ["--grad-accum", "3", "--compile", "--feature-cache-gb", "0.5", "--checkpoint", "a.pt", "--resume"]))
+    assert (cfg.accum, cfg.compile, cfg.feature_cache_gb, cfg.checkpoint, cfg.resume) == (3, True, 0.5, "a.pt", True)
+
+
 def make_trainer(tok, tmp_path, cls=Trainer, prepare=None, **kw):
     torch.manual_seed(0)
     cfg = tiny_config(tok)
