@@ -250,3 +250,67 @@ def load_checkpoint(path, device="cpu") -> tuple[VLM, Tokenizer, dict]:
     obj = read_file(path)
     model, tokenizer = model_from_dict(obj, path)
     return model.to(device).eval(), tokenizer, obj.get("meta", {})
+
+
+# ----------------------------------------------------------------------------- resume state
+#   {"format": "vlm-resume", "version": 1, "checkpoint": <a checkpoint dict>, "aux": state_dict | None,
+#    "optimizer": ..., "scaler": ..., "step", "epoch", "batch_in_epoch", "seen_in_epoch", "world_size",
+#    "best", "skipped", "rng": {"torch", "cuda"?}, "train_config": {...}}
+
+def resume_state(model: VLM, tokenizer: Tokenizer, meta: dict, aux, optimizer, scaler, progress: dict,
+                 train_config: dict) -> dict:
+    """Everything a run needs to continue where it stopped; `progress` holds the loop's counters."""
+    return {"format": RESUME_FORMAT, "version": VERSION, "checkpoint": checkpoint_dict(model, tokenizer, meta),
+            "aux": aux.state_dict() if aux is not None else None,
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            **progress, "rng": rng_state(), "train_config": train_config}
+
+
+def save_resume(output: str | Path, state: dict):
+    atomic_save(state, resume_path(output))
+
+
+def load_resume(output: str | Path, batch_size: int, model: VLM, aux, optimizer, scaler) -> dict:
+    """Restore the weights, optimizer, scaler and random state saved beside `output` and return
+    the file's counters and "train_config". Files of older versions gain "seen_in_epoch" and
+    "world_size"; another --batch-size than the saved one is refused."""
+    path = resume_path(output)
+    obj = read_file(path, "断点文件", RESUME_FORMAT) if path.exists() else None
+    if obj is None:
+        raise UserError(f"找不到断点文件 {path}，无法 --resume。去掉 --resume 从头训练，或检查 --output。")
+    saved = obj["train_config"]
+    if saved["batch_size"] != batch_size:
+        raise UserError(f"断点用的是 --batch-size {saved['batch_size']}（每个进程），继续训练时必须相同。")
+    restore_weights(model, obj["checkpoint"], path)
+    if aux is not None and obj["aux"] is not None:
+        aux.load_state_dict(obj["aux"])
+    optimizer.load_state_dict(obj["optimizer"])
+    scaler.load_state_dict(obj["scaler"])
+    set_rng_state(obj["rng"])
+    obj.setdefault("seen_in_epoch", obj["batch_in_epoch"] * saved["batch_size"])
+    obj.setdefault("world_size", 1)
+    return obj
+
+
+def resume_bytes(model: VLM, aux, optimizer, delta: bool) -> int:
+    """A lower bound on the size of one resume-state file: the stored weights plus AdamW's two
+    moments per trained parameter (frozen backbone weights of a "delta" checkpoint are not stored)."""
+    trained = [p for g in optimizer.param_groups for p in g["params"]]
+    moments = 2 * sum(p.numel() * p.element_size() for p in trained)
+    if delta:
+        return moments + sum(p.numel() * p.element_size() for p in trained)
+    modules = [model] + ([aux] if aux is not None else [])
+    return moments + sum(v.numel() * v.element_size() for m in modules for v in m.state_dict().values())
+
+
+def rng_state() -> dict:
+    s = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict):
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])

@@ -14,11 +14,13 @@ import torch
 import scenes
 from checkpoint import load_checkpoint
 from collate import Collator
+from devices import resolve_device
 from errors import ArgumentParser, UserError, cli
 from evaluate import evaluate_scenes, generate_texts, print_table
 from model import PRESETS, VLM, VLMConfig, count_params
 from tokenizer import Tokenizer
-from trainer import Trainer, TrainingInterrupted, add_train_flags, config_from_args, resolve_device
+from train_config import add_train_flags, config_from_args
+from trainer import Trainer, TrainingInterrupted
 
 
 def build_parser():

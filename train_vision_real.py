@@ -19,11 +19,13 @@ import images
 import sources
 from checkpoint import load_checkpoint
 from collate import Collator
+from devices import default_workers, resolve_device
 from errors import ArgumentParser, UserError, cli
 from evaluate import evaluate_captions, print_caption_scores
 from model import PRESETS, VLM, VLMConfig, count_params
 from tokenizer import Tokenizer
-from trainer import Trainer, TrainingInterrupted, add_train_flags, config_from_args, default_workers, resolve_device
+from train_config import add_train_flags, config_from_args
+from trainer import EpochReport, Trainer, TrainingInterrupted
 
 
 def build_parser():
@@ -35,7 +37,7 @@ def build_parser():
                    help=f"本地数据路径，可重复给出以混合多个文件夹 (local 默认: {sources.DEFAULT_LOCAL})")
     p.add_argument("--dataset-name", action="append", metavar="名称[:权重]",
                    help="HuggingFace数据集名称或本地副本路径（save_to_disk 文件夹、parquet、webdataset .tar），可重复给出")
-    add_train_flags(p, batch_size=8, epochs=10, lr=1e-4)
+    add_train_flags(p)                  # TrainConfig's own defaults
     d = p.add_argument_group("数据")
     d.add_argument("--split", default="train", help="训练用的划分；有 split 列的数据集（如 Flickr30k）按列值筛选 (默认: train)")
     d.add_argument("--image-column", help="图片列名 (默认: 自动识别)")
@@ -113,13 +115,11 @@ def main(argv=None):
 
     def on_epoch_end(model, epoch):
         if not eval_items:
-            return {}
+            return EpochReport()
         r = evaluate_captions(model, tok, eval_items, prompt, max_new_tokens=min(64, longest + 8))
         print_caption_scores(r, "验证集 ")
-        out = {"bleu4": round(r["bleu4"], 5), "cider": round(r["cider"], 5), "tokenisation": r["tokenisation"]}
-        if a.select_by == "cider":
-            out["score"] = -r["cider"]
-        return out
+        return EpochReport({"bleu4": round(r["bleu4"], 5), "cider": round(r["cider"], 5), "tokenisation": r["tokenisation"]},
+                           score=-r["cider"] if a.select_by == "cider" else None)
 
     meta = {**meta, "lang": lang, "data": data.names, "select_by": a.select_by}
     trainer = Trainer(model, tok, sets.train, Collator(tok, model.cfg), cfg, val_data=sets.val,

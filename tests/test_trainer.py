@@ -21,6 +21,19 @@ def test_schedule_warmup_peak_and_end():
     assert all(a >= b for a, b in zip(values, values[1:]))          # monotone decay after warmup
 
 
+def test_flags_come_from_train_config_with_each_scripts_own_defaults():
+    import train_vision
+    import train_vision_real
+    from train_config import config_from_args
+    demo = config_from_args(train_vision.build_parser().parse_args([]))
+    assert demo == TrainConfig(batch_size=48, epochs=7, lr=1e-3)
+    real = config_from_args(train_vision_real.build_parser().parse_args([]))
+    assert real == TrainConfig()
+    cfg = config_from_args(train_vision.build_parser().parse_args(
+        ["--grad-accum", "3", "--compile", "--feature-cache-gb", "0.5", "--checkpoint", "a.pt", "--resume"]))
+    assert (cfg.accum, cfg.compile, cfg.feature_cache_gb, cfg.checkpoint, cfg.resume) == (3, True, 0.5, "a.pt", True)
+
+
 def make_trainer(tok, tmp_path, cls=Trainer, prepare=None, **kw):
     torch.manual_seed(0)
     cfg = tiny_config(tok)
@@ -85,13 +98,12 @@ def test_a_frozen_encoder_runs_once_per_image_and_training_is_unchanged(tok, tmp
     runs = {}
     for budget in (0.0, 1.0):
         t = make_trainer(tok, tmp_path / str(budget), prepare=projector_only, epochs=2, feature_cache_gb=budget)
-        calls = []                                              # images the encoder really processed
-        original = type(t.model.vision).forward
-        if t.feature_cache is not None:
-            t.feature_cache.encode = lambda px, m=t.model.vision: (calls.append(len(px)), original(m, px))[1]
-        else:
-            t.model.vision.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+        tower, calls = t.model.vision, []                       # images the encoder really processed
+        original = tower.forward
+        tower.forward = lambda px: (calls.append(len(px)), original(px))[1]
         t.fit()
+        del tower.forward
+        assert t.model.vision is tower                         # the model holds the bare tower again
         runs[budget] = (t, sum(calls))
     (plain, plain_calls), (cached, cached_calls) = runs[0.0], runs[1.0]
     assert plain.feature_cache is None and cached.feature_cache is not None
@@ -100,21 +112,36 @@ def test_a_frozen_encoder_runs_once_per_image_and_training_is_unchanged(tok, tmp
     assert cached.feature_cache.hits >= 48 + 16
     for a, b in zip(plain.model.projector.parameters(), cached.model.projector.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
-    assert "forward" not in vars(cached.model.vision)          # uninstalled after fit()
+    assert not cached.feature_cache.store                      # memory given back after fit()
 
 
 def test_a_cache_that_does_not_fit_keeps_what_fits_and_recomputes_the_rest(tok, tmp_path):
-    from trainer import FeatureCache
+    from feature_cache import CachedTower
     t = make_trainer(tok, tmp_path, prepare=projector_only, feature_cache_gb=0)
     size = t.model.cfg.vit_image_size
     px = torch.randn(4, 3, size, size)
     with torch.no_grad():
         one = t.model.vision(px[:1]).nbytes
-        cache = FeatureCache(t.model.vision, budget=2.5 * one)
-        first = t.model.vision(px)
+        cache = CachedTower(t.model.vision, budget=2.5 * one)
+        first = cache(px)
         assert len(cache.store) == 2 and cache.full
-        again = t.model.vision(torch.cat([px, px[:1]]))        # a repeated image is encoded once
+        again = cache(torch.cat([px, px[:1]]))                 # a repeated image is encoded once
     assert cache.hits == 2 + 1 and cache.misses == 4 + 2
     assert torch.allclose(again[:4], first, atol=1e-6) and torch.equal(again[4], again[0])
-    cache.remove()
-    assert "forward" not in vars(t.model.vision)
+    assert torch.allclose(first, t.model.vision(px), atol=1e-6)   # the same features as the tower's own
+
+
+def test_the_cache_shows_watchers_of_the_tower_every_whole_batch(tok, tmp_path):
+    """A forward hook on the tower (scenes.CellProbe reads features this way) sees the whole
+    batch's features, also when all of them came from memory."""
+    from feature_cache import CachedTower
+    t = make_trainer(tok, tmp_path, prepare=projector_only, feature_cache_gb=0)
+    size = t.model.cfg.vit_image_size
+    px = torch.randn(3, 3, size, size)
+    seen = []
+    t.model.vision.register_forward_hook(lambda m, args, out: seen.append(out))
+    cache = CachedTower(t.model.vision, budget=2 ** 30)
+    with torch.no_grad():
+        first, again = cache(px), cache(px)
+    assert cache.hits == 3 and len(seen) == 2
+    assert seen[0] is first and seen[1] is again and again.shape == (3, *first.shape[1:])

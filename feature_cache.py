@@ -1,0 +1,43 @@
+"""CachedTower: a frozen vision tower behind a feature cache, so that training a projector or
+adapters on a CPU encodes each image once, not once per epoch. The trainer puts it in the
+model's place only around its forward passes (Trainer.cached_features)."""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+class CachedTower(torch.nn.Module):
+    """A frozen vision tower behind a feature cache: each distinct image's features are computed
+    once and kept (up to `budget` bytes), so later epochs skip the tower. Images are told apart
+    by a hash of their preprocessed pixels, so no data set has to cooperate; an image that
+    changes (augmentation) is simply a new entry. To whatever watches the tower through a
+    forward hook (scenes.CellProbe), every batch looks as if the tower had seen it whole.
+    CPU only: on a GPU the tower is cheap and hashing would copy every batch to the host."""
+
+    def __init__(self, tower: torch.nn.Module, budget: float):
+        super().__init__()
+        self.tower, self.budget, self.used = tower, budget, 0
+        self.store: dict[bytes, torch.Tensor] = {}
+        self.hits = self.misses = 0
+        self.full = False                        # some features did not fit and are recomputed
+
+    def forward(self, pixels):
+        keys = [hashlib.blake2b(p.contiguous().numpy(), digest_size=16).digest() for p in pixels.detach()]
+        todo = {}                                       # key -> first image with it, if not stored
+        for i, k in enumerate(keys):
+            if k not in self.store:
+                todo.setdefault(k, i)
+        fresh = dict(zip(todo, self.tower.forward(pixels[list(todo.values())]))) if todo else {}
+        self.hits, self.misses = self.hits + len(keys) - len(todo), self.misses + len(todo)
+        for k, f in fresh.items():
+            if self.used + f.nbytes > self.budget:
+                self.full = True
+                continue
+            self.store[k] = f.clone()                   # its own memory, not a view of the batch
+            self.used += f.nbytes
+        out = torch.stack([fresh[k] if k in fresh else self.store[k] for k in keys])
+        for hook in self.tower._forward_hooks.values():
+            hook(self.tower, (pixels,), out)
+        return out

@@ -1,0 +1,88 @@
+"""Training options: TrainConfig declares each one once (type, default, Chinese help, flag name);
+the training scripts' flags are made from it, each script giving its own defaults in one call:
+
+    add_train_flags(parser, batch_size=48, epochs=7, lr=1e-3)   # train_vision.py's defaults
+    cfg = config_from_args(parser.parse_args())
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field, fields
+
+from errors import UserError
+
+
+def option(default, help: str | None = None, flag: str | None = None, **argparse_kw):
+    """A TrainConfig field. With `help` it is also a command-line flag: --field-name unless `flag`
+    names it otherwise; `{default}` in the help shows the default the script runs with."""
+    return field(default=default, metadata={"help": help, "flag": flag, **argparse_kw} if help else {})
+
+
+@dataclass
+class TrainConfig:
+    """Every training option, declared once; the flags are made from it (add_train_flags), in
+    this order. Fields without help text have no flag."""
+    batch_size: int = option(8, "批次大小 (默认: {default})")
+    epochs: int = option(10, "训练轮数 (默认: {default})")
+    lr: float = option(1e-4, "学习率 (默认: {default:g})")
+    checkpoint: str | None = option(None, "基础模型路径：从这个检查点继续训练（默认从头训练）")  # the scripts load it
+    output: str = option("checkpoints/vision_trained_model.pt", "输出模型路径 (默认: {default})")
+    resume: bool = option(False, "从输出路径旁的断点文件（*.resume.pt）继续上次中断的训练")
+    seed: int = option(0, "随机种子 (默认: {default})")
+    device: str = option("auto", "设备: auto / cpu / cuda / cuda:N (默认: {default})")
+    precision: str = option("auto", "计算精度 (默认: auto = bf16，不支持 bf16 的 GPU 用 fp16)",
+                            choices=["auto", "bf16", "fp16", "fp32"])
+    accum: int = option(1, "梯度累积步数 (默认: {default})", flag="--grad-accum")  # micro-batches per optimizer step
+    warmup: float = option(0.03, "预热占总步数的比例 (默认: {default:g})")     # share of all optimizer steps
+    workers: int = option(-1, "数据加载进程数 (默认: 按机器自动)")              # -1: sized to the machine
+    save_every: int = option(200, "每多少步保存一次断点 (默认: {default})")    # optimizer steps between resume saves
+    feature_cache_gb: float = option(       # CPU memory for a frozen vision encoder's features (0 = off)
+        2.0, "视觉编码器冻结时（如 --train projector / lora），在 CPU 上把每张图的特征算一次后留在内存里，"
+             "之后各轮不再过编码器；最多占这么多 GB，0 表示不缓存 (默认: {default:g})")
+    compile: bool = option(False, "用 torch.compile 编译训练步：首次编译要几十秒到几分钟，之后每步更快（见 docs/benchmarks.md）")
+    min_lr_ratio: float = 0.1        # cosine ends at lr * this
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_bad_steps: int = 20          # consecutive non-finite steps before giving up
+    aux_weight: float = 1.0
+
+    def validate(self):
+        checks = [(self.epochs >= 1, "--epochs 必须是正整数"), (self.batch_size >= 1, "--batch-size 必须是正整数"),
+                  (self.lr > 0 and math.isfinite(self.lr), "--lr 必须是大于 0 的数"),
+                  (self.accum >= 1, "--grad-accum 必须是正整数"), (self.save_every >= 1, "--save-every 必须是正整数"),
+                  (0 <= self.warmup < 1, "--warmup 必须在 [0, 1) 之间"),
+                  (self.precision in ("auto", "bf16", "fp16", "fp32"), "--precision 只能是 auto/bf16/fp16/fp32"),
+                  (self.feature_cache_gb >= 0, "--feature-cache-gb 不能是负数")]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg + "。")
+
+
+def flag_fields():
+    return [f for f in fields(TrainConfig) if f.metadata]
+
+
+def add_train_flags(p: argparse.ArgumentParser, **defaults):
+    """TrainConfig's flags, for both training scripts; `defaults` are one script's own defaults
+    (e.g. batch_size=48), the rest come from the fields."""
+    unknown = set(defaults) - {f.name for f in flag_fields()}
+    if unknown:
+        raise TypeError(f"not TrainConfig flags: {sorted(unknown)}")
+    for f in flag_fields():
+        kw = dict(f.metadata)
+        help, flag = kw.pop("help"), kw.pop("flag") or "--" + f.name.replace("_", "-")
+        default = defaults.get(f.name, f.default)
+        if isinstance(default, bool):
+            kw["action"] = "store_true"
+        else:
+            kw["default"] = default
+            if type(default) in (int, float):
+                kw["type"] = type(default)
+            if flag[2:] != f.name.replace("_", "-"):
+                kw["metavar"] = flag[2:].replace("-", "_").upper()   # what argparse shows for the flag's name
+        p.add_argument(flag, dest=f.name, help=help.format(default=default), **kw)
+
+
+def config_from_args(a: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(a, f.name) for f in flag_fields()})
