@@ -11,7 +11,6 @@ knows nothing about files, tokenizers or HTTP: it sees tensors only.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
