@@ -82,8 +82,12 @@ class Number(Rule):
         return self.kind(raw)
 
     def schema(self):
-        bound = {"x-limit": self.hi} if isinstance(self.hi, str) else {} if self.hi is None else {"maximum": self.hi}
-        return {"type": self.expected, "minimum": self.lo, **bound}
+        s = {"type": self.expected, "minimum": self.lo}
+        if isinstance(self.hi, str):
+            s["x-limit"] = self.hi           # schema_of() writes the limit's value as "maximum"
+        elif self.hi is not None:
+            s["maximum"] = self.hi
+        return s
 
 
 class Flag(Rule):
@@ -102,7 +106,9 @@ class Flag(Rule):
 
 class Text(Rule):
     """A string that is valid UTF-8 (JSON may carry lone surrogates: "\\ud800"); optionally
-    without the <image> marker, which only the server places."""
+    without the <image> marker, which only the server places. max_chars names the limit the
+    schema shows as maxLength; the count itself is checked on the whole prompt, history
+    included (runner.prompt_ids)."""
 
     def __init__(self, max_chars: str | None = None, no_marker=False, description: str | None = None):
         self.max_chars, self.no_marker, self.description = max_chars, no_marker, description
@@ -136,6 +142,8 @@ class Uploads(Rule):
 
 
 class OnlyOne(Rule):
+    """OpenAI's n (answers per request): only 1."""
+
     def check(self, raw, info):
         if isinstance(raw, bool) or raw != 1:
             raise fail("n")
