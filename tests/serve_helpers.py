@@ -29,17 +29,17 @@ from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Starts serve.main() with load_model held until a file appears, so a test can see /health
-# answer "loading" for as long as it needs (the server itself is unchanged).
+# Starts serve.main() with server.state.load_model held until a file appears, so a test can see
+# /health answer "loading" for as long as it needs (the server itself is unchanged).
 GATED = """
-import pathlib, sys, time, serve
+import pathlib, sys, time, serve, server.state
 gate = pathlib.Path(sys.argv.pop(1))
-real = serve.load_model
+real = server.state.load_model
 def held_load(*args):
     while not gate.exists():
         time.sleep(0.02)
     return real(*args)
-serve.load_model = held_load
+server.state.load_model = held_load
 serve.main(sys.argv[1:])
 """
 

@@ -352,3 +352,21 @@ def test_flags_win_over_environment_which_wins_over_defaults(monkeypatch):
     monkeypatch.setenv("SERVE_PORT", "eighty")
     with pytest.raises(serve.UserError, match="SERVE_PORT"):
         serve.settings_from(serve.build_parser().parse_args([]))
+
+
+def test_request_models_check_what_the_schema_documents():
+    """In-process, without HTTP: one declaration gives the bound in /openapi.json and the check."""
+    from server import protocol
+    from server.errors import ApiError
+    limits = {"max_new_tokens": 8, "max_prompt_chars": 300, "vocab": 600}
+    props = protocol.schema_of(protocol.GenerateRequest, limits)["properties"]
+    assert (props["max_new_tokens"]["maximum"], props["temperature"]["maximum"], props["prompt"]["maxLength"]) == (8, 2.0, 300)
+    with pytest.raises(ApiError) as e:
+        protocol.parse(protocol.GenerateRequest, {"prompt": "x", "max_new_tokens": 9}, limits)
+    assert (e.value.code, e.value.param, e.value.fmt["hi"]) == ("range", "max_new_tokens", 8)
+    bad_part = {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {}}]}
+    with pytest.raises(ApiError) as e:
+        protocol.parse(protocol.ChatRequest, {"messages": [bad_part]}, limits)
+    assert (e.value.code, e.value.param) == ("missing", "messages[0].content[1].image_url.url")
+    form = protocol.parse(protocol.GenerateForm, {"prompt": "x", "max_new_tokens": " 3 ", "stream": "on"}, limits, form=True)
+    assert (form.max_new_tokens, form.stream, form.length()) == (3, True, (3, "max_new_tokens"))

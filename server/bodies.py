@@ -1,0 +1,90 @@
+"""Reading a request body: a size limit that answers 413 (not a reset connection), JSON that must
+be an object, and multipart forms whose text fields must be UTF-8."""
+from __future__ import annotations
+
+import codecs
+import json
+
+from fastapi import Request
+from starlette.formparsers import MultiPartParser, parse_options_header
+
+from server.errors import ApiError
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, or 413 past `limit`. An oversized body is still read (up to 4x the
+    limit) so the client gets the JSON answer instead of a reset connection."""
+    declared = request.headers.get("content-length", "")
+    too_big = ApiError(413, "body_too_large", limit_mb=round(limit / 2 ** 20, 1))
+    if declared.isdigit() and int(declared) > 4 * limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > 4 * limit:
+            break
+    if size > limit:
+        raise too_big
+    request._body = b"".join(chunks)             # lets request.stream() replay what was read
+    return request._body
+
+
+def declared_charset(content_type) -> str | None:
+    """The charset a Content-Type header names, as written, or None when it names none."""
+    raw = parse_options_header(content_type)[1].get(b"charset")
+    return None if raw is None else raw.decode("latin-1").strip()[:40]
+
+
+def is_utf8(charset: str) -> bool:
+    try:
+        return codecs.lookup(charset).name in ("utf-8", "ascii")     # 'UTF8', 'us-ascii', ...
+    except LookupError:
+        return False
+
+
+class Utf8FormParser(MultiPartParser):
+    """Starlette's multipart parser, except that a text field must be UTF-8. Starlette would decode
+    invalid bytes (or a field declared charset=gbk) as Latin-1 and hand the model mojibake."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is not None:                # an upload: kept as bytes
+            return super().on_part_end()
+        name = part.field_name[:100]
+        charset = (declared_charset(dict(part.item_headers).get(b"content-type"))
+                   or declared_charset(self.headers.get("content-type")))
+        if charset is not None and not is_utf8(charset):
+            raise ApiError(400, "form_charset", name, charset=charset)
+        try:
+            self.items.append((part.field_name, part.data.decode("utf-8")))
+        except UnicodeDecodeError:
+            raise ApiError(400, "form_encoding", name) from None
+
+
+async def json_body(request: Request, limit: int) -> dict:
+    ctype = request.headers.get("content-type", "application/json")
+    if not ctype.startswith("application/json"):
+        raise ApiError(415, "content_type", ctype="application/json")
+    raw = await read_body(request, limit)
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):    # RecursionError: nested too deeply
+        raise ApiError(400, "json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "json")
+    return body
+
+
+async def form_body(request: Request, limit: int, max_files: int):
+    """The multipart form (uploads kept as files), or 415/413/400."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(415, "content_type", ctype="multipart/form-data")
+    await read_body(request, limit)
+    try:
+        return await Utf8FormParser(request.headers, request.stream(), max_files=max_files, max_fields=32).parse()
+    except ApiError:
+        raise
+    except Exception:
+        raise ApiError(400, "multipart") from None
