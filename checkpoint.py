@@ -173,6 +173,9 @@ def read_file(path: str | Path, what: str = "模型文件", fmt: str = FORMAT) -
     path = Path(path)
     if not path.is_file():
         raise UserError(f"找不到{what} {path}。请先训练一个（python train_vision.py），或检查路径。")
+    if not is_torch_file(path):
+        raise UserError(f"{what} {path} 不是 PyTorch 文件（可能是图片、文本或下载不完整的文件），无法读取。"
+                        f"请用 train_vision.py / train_vision_real.py 训练得到的 .pt 文件。")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -183,9 +186,18 @@ def read_file(path: str | Path, what: str = "模型文件", fmt: str = FORMAT) -
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         raise UserError(f"{path} 不是本工具保存的{what}（缺少 format={fmt!r} 标记）。"
                         f"请用 train_vision.py / train_vision_real.py 训练得到的 .pt 文件。")
+    if type(obj.get("version", 0)) is not int:
+        raise UserError(f"{path} 的版本号 {obj['version']!r} 无效，文件已被改动或不是本工具保存的。")
     if obj.get("version", 0) > VERSION:
         raise UserError(f"{path} 由更新版本的工具保存（版本 {obj['version']}），请升级本工具。")
     return obj
+
+
+def is_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (or, before torch 1.6, a pickle, which starts with 0x80)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def model_from_dict(obj: dict, path="检查点") -> tuple[VLM, Tokenizer]:

@@ -12,8 +12,10 @@ through engine.Engine, which decodes concurrent requests together in one batch.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -43,6 +45,21 @@ def read_checkpoint(settings: Settings) -> dict:
         raise UserError(f"{e}（{hint}用 LLM_CHECKPOINT=路径 或 --checkpoint 路径 指定模型文件。）") from None
 
 
+def check_port(host: str, port: int):
+    """A busy port is one clear line before anything starts (uvicorn would log an English error
+    and the loading thread would then abort the process)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise UserError(f"无法监听 {host}:{port}：{e.strerror}。请检查 --host / SERVE_HOST。") from None
+            raise UserError(f"端口 {port} 已被占用（可能另一个服务还在运行）。用 --port {port + 1}（或 SERVE_PORT={port + 1}）"
+                            f"换一个端口，或先停掉占用它的程序。") from None
+
+
 @cli
 def main(argv=None):
     import uvicorn
@@ -51,6 +68,7 @@ def main(argv=None):
     from trainer import resolve_device
     resolve_device(settings.device)                   # a bad --device fails here, not in the background
     obj = read_checkpoint(settings)
+    check_port(settings.host, settings.port)
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:  %(name)s %(message)s")
     if args.reload:
         del obj

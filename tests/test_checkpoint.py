@@ -56,3 +56,27 @@ def test_weights_that_do_not_fit_the_config_are_refused(tiny, tok, tmp_path):
     torch.save(obj, path)
     with pytest.raises(UserError, match="权重与模型结构不符"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "random", "version"])
+def test_a_file_that_is_not_ours_is_named_for_what_it_is(tiny, tok, tmp_path, kind):
+    """A JPEG renamed to .pt or random bytes is 'not a PyTorch file', not 'unsafe code'; a
+    non-integer version is a clear line, not a TypeError."""
+    import io
+    from PIL import Image
+    path = tmp_path / "m.pt"
+    if kind == "jpeg":
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, "JPEG")
+        path.write_bytes(buf.getvalue())
+    elif kind == "random":
+        path.write_bytes(bytes(range(256)) * 4)
+    else:
+        save_checkpoint(path, tiny, tok)
+        obj = torch.load(path, weights_only=True)
+        torch.save({**obj, "version": "1.0"}, path)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert "不安全" not in msg and str(path) in msg and len(msg.splitlines()) == 1
+    assert ("版本号" in msg) if kind == "version" else ("不是 PyTorch 文件" in msg)

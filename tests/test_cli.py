@@ -78,3 +78,17 @@ def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path, content):
     torch.save({"weights": torch.zeros(3)}, foreign)
     r = run("evaluate.py", "--checkpoint", str(foreign), timeout=60)
     assert r.returncode == 2 and "不是本工具保存的" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_busy_api_port_is_one_chinese_line(tok, tiny, tmp_path):
+    import socket
+    from checkpoint import save_checkpoint
+    save_checkpoint(tmp_path / "m.pt", tiny, tok)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = run("serve.py", "--checkpoint", str(tmp_path / "m.pt"), "--port", str(port), timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("错误：")
+    assert f"端口 {port} 已被占用" in r.stderr and "--port" in r.stderr and "Traceback" not in r.stderr
