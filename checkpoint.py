@@ -193,6 +193,34 @@ def read_file(path: str | Path, what: str = "模型文件", fmt: str = FORMAT) -
     return obj
 
 
+def claim_output(path: str | Path, meta: dict, overwrite: bool):
+    """A new run may replace a model of the same data (running the same command again), never
+    silently one trained on other data, nor a file that is not a checkpoint of ours."""
+    path = Path(path)
+    if overwrite or not path.exists():
+        return
+    try:
+        theirs = read_file(path).get("meta", {}).get("data")
+    except UserError:
+        theirs = None
+    if theirs is not None and theirs == meta.get("data"):
+        return
+    what = f"另一次训练（数据：{data_name(theirs)}）保存的模型" if theirs is not None else "一个不是本次训练能替换的文件"
+    raise UserError(f"{path} 已经是{what}，本次训练（数据：{data_name(meta.get('data'))}）不会覆盖它。"
+                    f"请用 --output 另存（如 --output checkpoints/my_model.pt），确实要替换时加 --overwrite。")
+
+
+def data_name(data) -> str:
+    if data == "synthetic":
+        return "内置合成场景"
+    return "、".join(data) if isinstance(data, list) else str(data)
+
+
+def discard_resume(output: str | Path):
+    """A run that finished needs no resume state: don't leave a file as big as the model behind."""
+    resume_path(output).unlink(missing_ok=True)
+
+
 def is_torch_file(path: Path) -> bool:
     """torch.save writes a zip archive (or, before torch 1.6, a pickle, which starts with 0x80)."""
     with open(path, "rb") as f:

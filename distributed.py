@@ -18,6 +18,12 @@ def dist_env() -> tuple[int, int, int]:
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
+def say(msg: str):
+    """Print once per run: under torchrun only rank 0 speaks."""
+    if dist_env()[0] == 0:
+        print(msg, flush=True)
+
+
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     """Join torchrun's process group (NCCL on GPUs, gloo on CPUs). Each rank on a machine gets
     the GPU of its LOCAL_RANK, whatever cuda:N was asked for."""

@@ -31,7 +31,9 @@ class TrainConfig:
     resume: bool = option(False, "从输出路径旁的断点文件（*.resume.pt）继续上次中断的训练")
     seed: int = option(0, "随机种子 (默认: {default})")
     device: str = option("auto", "设备: auto / cpu / cuda / cuda:N (默认: {default})")
-    precision: str = option("auto", "计算精度 (默认: auto = bf16，不支持 bf16 的 GPU 用 fp16)",
+    overwrite: bool = option(False, "允许替换 --output 处另一次训练（用别的数据）保存的模型")
+    precision: str = option("auto", "计算精度 (默认: auto = GPU 上用 bf16，不支持 bf16 的 GPU 用 fp16；"
+                                    "CPU 上只有实测 bf16 更快（如带 AMX）时才用 bf16，否则 fp32)",
                             choices=["auto", "bf16", "fp16", "fp32"])
     accum: int = option(1, "梯度累积步数 (默认: {default})", flag="--grad-accum")  # micro-batches per optimizer step
     warmup: float = option(0.03, "预热占总步数的比例 (默认: {default:g})")     # share of all optimizer steps

@@ -12,7 +12,8 @@ import sys
 import torch
 
 import scenes
-from checkpoint import load_checkpoint
+from checkpoint import discard_resume, load_checkpoint
+from distributed import say
 from collate import Collator
 from devices import resolve_device
 from errors import ArgumentParser, UserError, cli
@@ -55,7 +56,7 @@ def main(argv=None):
         mcfg.image_token_id, mcfg.pad_token_id = tok.image_id, tok.pad_id
         mcfg.bos_token_id, mcfg.eos_token_id = tok.bos_id, tok.eos_id
         model = VLM(mcfg)
-    print(f"模型参数: 视觉编码器 {count_params(model.vision) / 1e6:.2f}M, 投影层 {count_params(model.projector) / 1e6:.2f}M, "
+    say(f"模型参数: 视觉编码器 {count_params(model.vision) / 1e6:.2f}M, 投影层 {count_params(model.projector) / 1e6:.2f}M, "
           f"语言模型 {count_params(model.lm) / 1e6:.2f}M；每张图 {mcfg.image_tokens} 个图像 token")
     train = scenes.SceneDataset(a.train_size, "train", a.seed, a.lang, mcfg.vit_image_size)
     val = scenes.SceneDataset(a.val_size, "test", a.seed + 1000, a.lang, mcfg.vit_image_size)
@@ -80,6 +81,7 @@ def main(argv=None):
         sys.exit(130)
     if not trainer.is_main:                       # under torchrun: rank 0 alone reports and evaluates
         return
+    discard_resume(a.output)
     print(f"训练完成，模型已保存到 {a.output}")
     if a.eval_scenes:
         best, tok, _ = load_checkpoint(a.output, trainer.device)

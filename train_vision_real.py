@@ -17,7 +17,8 @@ import backbones
 import captions
 import images
 import sources
-from checkpoint import load_checkpoint
+from checkpoint import discard_resume, load_checkpoint
+from distributed import say
 from collate import Collator
 from devices import default_workers, resolve_device
 from errors import ArgumentParser, UserError, cli
@@ -103,7 +104,7 @@ def main(argv=None):
     torch.manual_seed(a.seed)                     # the same --seed builds the same initial weights
     model, tok, meta = backbones.build(a, lambda: build_model(a, texts))   # --vision-encoder, HF LLMs, --train
     size = model.cfg.vit_image_size
-    print(f"模型参数: 视觉编码器 {count_params(model.vision) / 1e6:.2f}M, 投影层 {count_params(model.projector) / 1e6:.2f}M, "
+    say(f"模型参数: 视觉编码器 {count_params(model.vision) / 1e6:.2f}M, 投影层 {count_params(model.projector) / 1e6:.2f}M, "
           f"语言模型 {count_params(model.lm) / 1e6:.2f}M；图片 {size}×{size}，每张 {model.cfg.image_tokens} 个图像 token")
     sets = data.training_data(size)
     if sets.workers < workers:
@@ -132,6 +133,7 @@ def main(argv=None):
         sys.exit(130)
     if not trainer.is_main:                       # under torchrun: rank 0 alone reports
         return
+    discard_resume(a.output)
     bad = sets.runtime_bad()
     if bad:
         print(f"训练中又跳过了 {bad} 张无法读取的图片。")

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from checkpoint import check_writable, load_resume, resume_bytes, resume_path, resume_state, save_checkpoint, save_resume
+from checkpoint import check_writable, claim_output, load_resume, resume_bytes, resume_path, resume_state, save_checkpoint, save_resume
 from devices import autocast_dtype, default_workers, resolve_device
 from distributed import all_reduce, init_distributed, rank_keys
 from errors import UserError
@@ -182,6 +182,9 @@ class Trainer:
         """Train from epoch `self.epoch` (0, or where --resume left off) to the last; returns the
         best score. Ctrl-C / SIGTERM save resume state and raise TrainingInterrupted."""
         if self.is_main:
+            if not self.cfg.resume:
+                claim_output(self.cfg.output, self.meta, self.cfg.overwrite)
+                self.log_path.unlink(missing_ok=True)        # a fresh run starts a fresh log
             check_writable(self.cfg.output, self.resume_bytes())
         if self.cfg.resume:
             self.load_resume()

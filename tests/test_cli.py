@@ -92,3 +92,28 @@ def test_a_busy_api_port_is_one_chinese_line(tok, tiny, tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("错误：")
     assert f"端口 {port} 已被占用" in r.stderr and "--port" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_run_on_other_data_never_replaces_the_demo_model(tmp_path):
+    """The guide's local command after `make demo` used to replace the demo model silently (same
+    default --output) and append to its log."""
+    import hashlib
+    out = tmp_path / "vision_trained_model.pt"
+    demo = ["train_vision.py", "--preset", "micro", "--epochs", "1", "--train-size", "16", "--val-size", "4",
+            "--batch-size", "8", "--eval-scenes", "0", "--workers", "0", "--output", str(out)]
+    assert run(*demo).returncode == 0
+    assert not out.with_name(out.stem + ".resume.pt").exists()        # a finished run leaves no resume state
+    assert run(*demo).returncode == 0                                   # the same run again replaces it freely
+    digest, log = hashlib.sha256(out.read_bytes()).hexdigest(), out.with_suffix(".log.jsonl").read_text()
+    assert len(log.splitlines()) == 1                                   # each fresh run starts a fresh log
+    assert run("scenes.py", "--out", str(tmp_path / "mine"), "--count", "12").returncode == 0
+    real = ["train_vision_real.py", "--data-source", "local", "--data-path", str(tmp_path / "mine"), "--preset", "micro",
+            "--epochs", "1", "--batch-size", "4", "--eval-size", "0", "--workers", "0", "--output", str(out)]
+    r = run(*real)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("错误："), r.stderr[-2000:]
+    assert "内置合成场景" in r.stderr and "--overwrite" in r.stderr and "Traceback" not in r.stderr
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == digest and out.with_suffix(".log.jsonl").read_text() == log
+    r = run(*real, "--overwrite")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert torch.load(out, weights_only=True)["meta"]["data"] == [str(tmp_path / "mine")]
+    assert len(out.with_suffix(".log.jsonl").read_text().splitlines()) == 1

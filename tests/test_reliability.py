@@ -102,8 +102,9 @@ def test_killed_or_stopped_runs_resume_to_the_same_weights(tmp_path):
         out, err = p.communicate(timeout=180)
         assert p.returncode == 0, err[-3000:]
         assert "从断点继续" in out
-        assert_same_weights(runs["straight"].with_name("m.resume.pt"), runs[name].with_name("m.resume.pt"))
         assert_same_weights(runs["straight"], runs[name])
+        assert not runs[name].with_name("m.resume.pt").exists()      # a finished run leaves no resume state
+    assert not runs["straight"].with_name("m.resume.pt").exists()
 
 
 def test_resume_with_other_model_flags_is_one_clear_message(tok, tmp_path):
