@@ -200,12 +200,12 @@ def claim_output(path: str | Path, meta: dict, overwrite: bool):
     if overwrite or not path.exists():
         return
     try:
-        theirs = read_file(path).get("meta", {}).get("data")
+        theirs, ours = read_file(path).get("meta", {}).get("data"), True
     except UserError:
-        theirs = None
-    if theirs is not None and theirs == meta.get("data"):
+        theirs, ours = None, False
+    if ours and theirs == meta.get("data"):
         return
-    what = f"另一次训练（数据：{data_name(theirs)}）保存的模型" if theirs is not None else "一个不是本次训练能替换的文件"
+    what = f"另一次训练（数据：{data_name(theirs)}）保存的模型" if ours else "一个不是本工具保存的模型文件（或已损坏）"
     raise UserError(f"{path} 已经是{what}，本次训练（数据：{data_name(meta.get('data'))}）不会覆盖它。"
                     f"请用 --output 另存（如 --output checkpoints/my_model.pt），确实要替换时加 --overwrite。")
 

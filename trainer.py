@@ -182,10 +182,7 @@ class Trainer:
         """Train from epoch `self.epoch` (0, or where --resume left off) to the last; returns the
         best score. Ctrl-C / SIGTERM save resume state and raise TrainingInterrupted."""
         if self.is_main:
-            if not self.cfg.resume:
-                claim_output(self.cfg.output, self.meta, self.cfg.overwrite)
-                self.log_path.unlink(missing_ok=True)        # a fresh run starts a fresh log
-            check_writable(self.cfg.output, self.resume_bytes())
+            self.prepare_output()
         if self.cfg.resume:
             self.load_resume()
         try:
@@ -201,6 +198,16 @@ class Trainer:
         if self.world > 1:
             dist.barrier()                  # rank 0's last checkpoint is on disk before anyone leaves
         return self.best
+
+    def prepare_output(self):
+        """Before the first step: a fresh run may not replace another run's model (--overwrite)
+        and starts a fresh log; the output must have room for a resume save."""
+        fresh = not self.cfg.resume
+        if fresh:
+            claim_output(self.cfg.output, self.meta, self.cfg.overwrite)
+        check_writable(self.cfg.output, self.resume_bytes())
+        if fresh:
+            self.log_path.unlink(missing_ok=True)
 
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         """One pass over the epoch's batches, from where a resumed run stopped.
