@@ -118,6 +118,7 @@ def test_a_run_on_other_data_never_replaces_the_demo_model(tmp_path):
     assert torch.load(out, weights_only=True)["meta"]["data"] == [str(tmp_path / "mine")]
     assert len(out.with_suffix(".log.jsonl").read_text().splitlines()) == 1
 
+
 def data_mistakes(tmp: Path) -> dict:
     """--dataset-name values a user gets wrong -> what the one error line must say."""
     (tmp / "no_data").mkdir()
