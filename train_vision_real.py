@@ -138,9 +138,8 @@ def main(argv=None):
     meta = {**meta, "lang": lang, "data": data.names, "select_by": a.select_by}
     trainer = Trainer(model, tok, sets.train, Collator(tok, model.cfg), cfg, val_data=sets.val,
                       on_epoch_end=on_epoch_end, meta=meta)
-    hint = scratch_hint(a, len(sets.train))
-    if hint and trainer.is_main:
-        print(hint, flush=True)
+    if hint := scratch_hint(a, len(sets.train)):
+        say(hint)
     try:
         trainer.fit()
     except TrainingInterrupted as e:
