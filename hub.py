@@ -209,6 +209,8 @@ def find_columns(features: dict, name: str, image_column=None, caption_column=No
     """(image column, its kind: image|path|bytes, [caption columns]) from a features mapping."""
     from datasets import Image as HFImage, Value
     cols = list(features)
+    if not cols:                        # a stream whose first file could not be parsed
+        raise UserError(f"数据集 {name} 里读不出任何列（数据文件是空的或格式不对？）。")
     if image_column:
         if image_column not in cols:
             raise UserError(f"数据集 {name} 没有列 {image_column!r}（有：{', '.join(cols)}）。")

@@ -125,12 +125,14 @@ def data_mistakes(tmp: Path) -> dict:
     (tmp / "empty.parquet").write_bytes(b"")
     (tmp / "notes.xyz").write_text("hello")
     (tmp / "broken.tar").write_bytes(b"\x01" * 2000)
+    (tmp / "broken.jsonl").write_text('{"image": ')
     return {"data/shards/*.tar": "通配符 data/shards/*.tar 没有匹配到任何文件",
             str(tmp / "x" / "*.parquet"): "没有匹配到任何文件",
             str(tmp / "empty.parquet"): "是空文件（0 字节）",
             str(tmp / "no_data"): "里没有可读的数据文件",
             str(tmp / "notes.xyz"): "不是能识别的数据文件（扩展名 .xyz）",
-            str(tmp / "broken.tar"): "请检查文件是否完整"}
+            str(tmp / "broken.tar"): "请检查文件是否完整",
+            str(tmp / "broken.jsonl"): str(tmp / "broken.jsonl")}
 
 
 @pytest.mark.parametrize("streaming", [[], ["--streaming"]], ids=["table", "stream"])
