@@ -11,10 +11,14 @@ a skipped row, not the end of the run.
 """
 from __future__ import annotations
 
+import glob
+import logging
 import os
 import random
 import re
 import socket
+import tarfile
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -91,12 +95,61 @@ def open_hub(name: str, streaming: bool):
             raise UserError(f"Hugging Face Hub 上找不到数据集 {name}（或需要登录授权），本地也没有这个路径。请检查名称。") from None
 
 
+LOCAL_KINDS = ("parquet、arrow、csv、json/jsonl 文件，webdataset .tar 分片（可用通配符），save_to_disk 文件夹，"
+               "或带 metadata.jsonl / metadata.csv 的图片文件夹")
+
+
+def local_files(path: str) -> list[Path]:
+    """The files a local glob or file name stands for; one clear line for a glob that matches
+    nothing or an empty file (datasets would fail with an IndexError or a parser's message)."""
+    if "://" in path:                   # a remote fsspec path: datasets resolves it
+        return []
+    files = [Path(f) for f in sorted(glob.glob(path, recursive=True))] if "*" in path else [Path(path)]
+    if not files:
+        raise UserError(f"通配符 {path} 没有匹配到任何文件（相对于当前目录 {Path.cwd()}）。请检查文件夹和扩展名，"
+                        f"并给通配符加上引号；--dataset-name 支持 {LOCAL_KINDS}。")
+    empty = [f for f in files if f.is_file() and f.stat().st_size == 0]
+    if empty:
+        more = f"（共 {len(empty)} 个空文件）" if len(empty) > 1 else ""
+        raise UserError(f"{empty[0]} 是空文件（0 字节）{more}，里面没有数据。请重新生成或下载，或者不再用它训练。")
+    return files
+
+
+@contextmanager
+def reading(path: str):
+    """A local copy's files that datasets cannot read -> one clear line naming them (datasets'
+    own error log of the same failure is held back)."""
+    import datasets
+    log = logging.getLogger("datasets")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except FileNotFoundError as e:
+        if Path(path).is_dir():
+            raise UserError(f"文件夹 {path} 里没有可读的数据文件。--dataset-name 支持 {LOCAL_KINDS}；"
+                            f"captions.json 格式的文件夹请用 --data-path。") from None
+        raise UserError(unreadable(path, e)) from None
+    except datasets.exceptions.DatasetGenerationError as e:
+        if type(e.__cause__).__name__ == "SchemaInferenceError":
+            raise UserError(f"{path} 里没有任何数据行（数据文件是空的？）。") from None
+        raise UserError(unreadable(path, e.__cause__ or e)) from None
+    except (ValueError, tarfile.ReadError) as e:
+        raise UserError(unreadable(path, e)) from None
+    finally:
+        log.setLevel(level)
+
+
+def unreadable(path: str, e: Exception) -> str:
+    return f"无法读取数据集 {path}：{str(e).rstrip('.')}。请检查文件是否完整（比如下载中断）。"
+
+
 def open_local_hf(path: str, streaming: bool):
     """A save_to_disk folder, parquet/arrow/csv/json files, webdataset .tar shards (a file, a
     folder or a glob), or an imagefolder."""
     import datasets
     p = Path(path)
-    try:
+    with reading(path):
         if p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists()):
             ds = datasets.load_from_disk(str(p))
             return ds.to_iterable_dataset() if streaming and isinstance(ds, datasets.Dataset) else (
@@ -105,9 +158,10 @@ def open_local_hf(path: str, streaming: bool):
             return datasets.load_dataset(str(p), streaming=streaming)
         suffix = Path(path.replace("*", "x")).suffix
         if suffix in BUILDERS and (p.is_file() or "*" in path):
+            local_files(path)
             return datasets.load_dataset(BUILDERS[suffix], data_files=path, streaming=streaming)
-    except (datasets.exceptions.DataFilesNotFoundError, FileNotFoundError, ValueError) as e:
-        raise UserError(f"无法读取数据集 {path}：{e}") from None
+    if p.is_file():
+        raise UserError(f"{path} 不是能识别的数据文件（扩展名 {p.suffix or '无'}）。--dataset-name 支持 {LOCAL_KINDS}。")
     raise UserError(f"找不到数据集 {path}：既不是本地路径，也不像 Hugging Face 数据集名（owner/name）。")
 
 
@@ -155,6 +209,8 @@ def find_columns(features: dict, name: str, image_column=None, caption_column=No
     """(image column, its kind: image|path|bytes, [caption columns]) from a features mapping."""
     from datasets import Image as HFImage, Value
     cols = list(features)
+    if not cols:                        # a stream whose first file could not be parsed
+        raise UserError(f"数据集 {name} 里读不出任何列（数据文件是空的或格式不对？）。")
     if image_column:
         if image_column not in cols:
             raise UserError(f"数据集 {name} 没有列 {image_column!r}（有：{', '.join(cols)}）。")
@@ -214,11 +270,19 @@ def rows_from_table(ds, name: str, image_column=None, caption_column=None, root=
     return rows
 
 
+def copy_root(name: str) -> Path | None:
+    """The folder of a local copy: its path columns are read relative to it and may not leave
+    it (captions.inside); None for a hub id."""
+    if is_hub_id(name):
+        return None
+    p = Path(name.split("*")[0])
+    return p if p.is_dir() else p.parent
+
+
 def load_hf(name: str, split: str = "train", image_column=None, caption_column=None):
     """(train Rows, validation Rows or None) for a hub id or a local copy."""
     train, val = open_split(name, split, False)
-    p = Path(name.split("*")[0])
-    root = (p if p.is_dir() else p.parent) if not is_hub_id(name) else None
+    root = copy_root(name)
     train_rows = rows_from_table(train, name, image_column, caption_column, root)
     val_rows = rows_from_table(val, name, image_column, caption_column, root) if val is not None and len(val) else None
     return train_rows, val_rows
@@ -251,7 +315,7 @@ def stream_head(stream, name: str, count: int, image_column=None, caption_column
     if not rows:
         return None
     table = Dataset.from_dict({image: [r[image] for r in rows]})
-    return table_rows(name, table, [row_captions(r, caps) for r in rows], kind)
+    return table_rows(name, table, [row_captions(r, caps) for r in rows], kind, copy_root(name))
 
 
 class StreamCaptions(torch.utils.data.Dataset):
@@ -268,6 +332,7 @@ class StreamCaptions(torch.utils.data.Dataset):
         stream = select(stream, [self.image] + self.caps)
         self.stream = stream.shuffle(seed=seed, buffer_size=buffer) if buffer > 1 else stream
         self.name, self.length, self.image_size, self.seed = name, length, image_size, seed
+        self.root = copy_root(name)
         self.max_pixels, self.max_bad_ratio = max_pixels, max_bad_ratio
         self.it, self.pass_no, self.seen, self.runtime_bad = None, 0, 0, 0
 
@@ -308,7 +373,7 @@ class StreamCaptions(torch.utils.data.Dataset):
             try:
                 if not caps:
                     continue
-                image = decode(cell_source(row[self.image]), self.image_size, ImagePolicy(self.max_pixels))
+                image = decode(cell_source(row[self.image], self.root), self.image_size, ImagePolicy(self.max_pixels))
                 break
             except BadImage as e:
                 self.runtime_bad += 1

@@ -78,6 +78,19 @@ def build_model(a, texts):
     return VLM(cfg), tok, {"preset": a.preset}
 
 
+SMALL_DATA = 2000        # from scratch, fewer training samples per epoch than this learn no captions
+
+
+def scratch_hint(a, samples: int) -> str | None:
+    """One line for a from-scratch run on little data, which learns the captions' pattern but not
+    to look at the image, whatever the learning rate (measured: docs/datasets.md)."""
+    if a.checkpoint or a.vision_encoder or samples >= SMALL_DATA:
+        return None
+    return (f"提示：从头训练、每轮只有 {samples} 个样本，模型多半学不会看图（实测 300 张图训练 5 轮：--lr 1e-4 的描述"
+            f"全部说错，--lr 1e-3 对每张图都说同一句话）。请用几千张图（make demo 用 6000 张），或在预训练模型上训练"
+            f"（--checkpoint、--vision-encoder，见 docs/models.md）；详见 docs/datasets.md 的“小数据从头训练”。")
+
+
 def check_flags(a):
     checks = [(0 <= a.val_ratio < 1, "--val-ratio 必须在 [0, 1) 之间"), (a.eval_size >= 0, "--eval-size 不能为负数"),
               (0 <= a.max_bad_ratio <= 1, "--max-bad-ratio 必须在 [0, 1] 之间"),
@@ -125,6 +138,8 @@ def main(argv=None):
     meta = {**meta, "lang": lang, "data": data.names, "select_by": a.select_by}
     trainer = Trainer(model, tok, sets.train, Collator(tok, model.cfg), cfg, val_data=sets.val,
                       on_epoch_end=on_epoch_end, meta=meta)
+    if hint := scratch_hint(a, len(sets.train)):
+        say(hint)
     try:
         trainer.fit()
     except TrainingInterrupted as e:

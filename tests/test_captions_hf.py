@@ -117,7 +117,8 @@ def test_caption_columns_grouped_and_real_validation_split(tmp_path):
     assert only.captions[3] == ["train 3 c2"]
 
 
-def test_sentences_with_raw_and_path_column_inside_the_folder(tmp_path, capsys):
+def coco_copy(tmp_path) -> Path:
+    """A local copy with a path column: three images inside its folder, one row escaping it."""
     root = tmp_path / "coco"
     (root / "imgs").mkdir(parents=True)
     for i in range(3):
@@ -127,10 +128,25 @@ def test_sentences_with_raw_and_path_column_inside_the_folder(tmp_path, capsys):
                        "sentences": [[{"raw": f"Sentence {i} a.", "tokens": ["x"]}, {"raw": f"Sentence {i} b.", "tokens": []}]
                                      for i in range(4)],
                        "cocoid": [1, 2, 3, 4]}).to_parquet(str(root / "train.parquet"))
-    train, _ = load_hf(str(root / "train.parquet"), "train")
+    return root / "train.parquet"
+
+
+def test_sentences_with_raw_and_path_column_inside_the_folder(tmp_path, capsys):
+    train, _ = load_hf(str(coco_copy(tmp_path)), "train")
     assert train.captions[1] == ["Sentence 1 a.", "Sentence 1 b."] and train.image_kind == "path"
     data = check_images(CaptionSet(train, 16), max_bad_ratio=0.5)
     assert len(data) == 3 and "数据文件夹之外" in data.bad[0][1]
+
+
+def test_streamed_path_column_is_read_inside_the_copy_not_the_current_folder(tmp_path, monkeypatch, capsys):
+    path = str(coco_copy(tmp_path))
+    monkeypatch.chdir(tmp_path)                 # "imgs/0.jpg" is not here, "../secret.jpg" would be
+    train, head = hub.load_stream(path, "train", None, None, 1000, 2)
+    assert len(check_images(CaptionSet(head, 16), max_bad_ratio=0)) == 2
+    s = StreamCaptions(train, path, length=4, image_size=16, buffer=0, max_bad_ratio=1.0)
+    assert s[(0, 0)]["messages"][1]["content"].startswith("Sentence 2 ") and s.runtime_bad == 0
+    s[(0, 1)]                                   # the escaping row is skipped, the stream starts over
+    assert s.runtime_bad == 1 and "数据文件夹之外" in capsys.readouterr().err
 
 
 def test_url_only_data_set_explains_how_to_fetch_images(tmp_path):

@@ -117,3 +117,28 @@ def test_a_run_on_other_data_never_replaces_the_demo_model(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert torch.load(out, weights_only=True)["meta"]["data"] == [str(tmp_path / "mine")]
     assert len(out.with_suffix(".log.jsonl").read_text().splitlines()) == 1
+
+
+def data_mistakes(tmp: Path) -> dict:
+    """--dataset-name values a user gets wrong -> what the one error line must say."""
+    (tmp / "no_data").mkdir()
+    (tmp / "empty.parquet").write_bytes(b"")
+    (tmp / "notes.xyz").write_text("hello")
+    (tmp / "broken.tar").write_bytes(b"\x01" * 2000)
+    (tmp / "broken.jsonl").write_text('{"image": ')
+    return {"data/shards/*.tar": "通配符 data/shards/*.tar 没有匹配到任何文件",
+            str(tmp / "x" / "*.parquet"): "没有匹配到任何文件",
+            str(tmp / "empty.parquet"): "是空文件（0 字节）",
+            str(tmp / "no_data"): "里没有可读的数据文件",
+            str(tmp / "notes.xyz"): "不是能识别的数据文件（扩展名 .xyz）",
+            str(tmp / "broken.tar"): "请检查文件是否完整",
+            str(tmp / "broken.jsonl"): str(tmp / "broken.jsonl")}
+
+
+@pytest.mark.parametrize("streaming", [[], ["--streaming"]], ids=["table", "stream"])
+def test_dataset_name_mistakes_are_one_chinese_line(tmp_path, streaming):
+    for name, needle in data_mistakes(tmp_path).items():
+        r = run("train_vision_real.py", "--dataset-name", name, *streaming, "--output", str(tmp_path / "m.pt"), timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (name, r.stderr)
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("错误：") and needle in last, (name, r.stderr)

@@ -77,12 +77,28 @@ def test_guide_local_command_runs_as_written(tmp_path):
             cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "训练样本 4 条/轮，没有验证集" in r.stdout
+    assert r.stdout.count("提示：从头训练、每轮只有 4 个样本") == 1      # printed once, before training
     assert "Epoch 20/20: 100%" in r.stderr and "Epoch 20 完成, 平均损失: " in r.stdout
     assert "→ 新的最佳损失! 保存模型..." in r.stdout
     out = tmp_path / "checkpoints" / "vision_trained_model.pt"
     log = log_records(out)
     assert len(log) == 20 and log[-1]["train_loss"] < log[0]["train_loss"]
     assert torch.load(out, weights_only=True)["meta"]["lang"] == "zh"
+
+
+@pytest.mark.parametrize("flags, samples, hint", [
+    ([], 285, True),                                   # the guide's local command on a 300-image export
+    (["--lr", "1e-3"], 285, True),                     # measured: a higher lr alone does not help
+    ([], 5000, False),                                 # enough data to learn from scratch
+    (["--checkpoint", "base.pt"], 285, False),         # starts from a trained model
+    (["--vision-encoder", "openai/clip-vit-base-patch16"], 285, False),
+])
+def test_from_scratch_on_little_data_gets_a_hint(flags, samples, hint):
+    a = train_vision_real.build_parser().parse_args(["--data-path", "d", "--batch-size", "4", "--epochs", "5", *flags])
+    line = train_vision_real.scratch_hint(a, samples)
+    assert (line is not None) == hint
+    if hint:
+        assert line.startswith("提示：") and "\n" not in line and "docs/datasets.md" in line
 
 
 def test_guide_huggingface_command_runs_as_written(tmp_path, monkeypatch, capsys):
