@@ -76,11 +76,18 @@ class ApiError(Exception):
         fmt = {"param": self.param, **self.fmt}
         if "expected" in fmt:
             fmt["expected"] = EXPECTED[fmt["expected"]][lang == "en"]
-        return {"error": {"message": (en if lang == "en" else zh).format(**fmt), "type": TYPES[self.status],
-                          "param": self.param, "code": self.code}}
+        message = (en if lang == "en" else zh).format(**fmt)
+        return {"error": {"message": printable(message), "type": TYPES[self.status],
+                          "param": None if self.param is None else printable(self.param), "code": self.code}}
 
     def response(self, lang: str) -> JSONResponse:
         return JSONResponse(self.payload(lang), self.status, headers=self.headers)
+
+
+def printable(text: str) -> str:
+    """Text a client sent, echoed in an answer, as valid UTF-8: a lone surrogate ("\\ud800" in
+    JSON) becomes the escape \\ud800 instead of breaking the JSON encoder (a 500)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def busy(code: str, **fmt) -> ApiError:
@@ -108,7 +115,8 @@ def language(request: Request) -> str:
 PYDANTIC = {"missing": ("missing", {}), "model_type": ("type", {"expected": "object"}),
             "model_attributes_type": ("type", {"expected": "object"}), "dict_type": ("type", {"expected": "object"}),
             "list_type": ("type", {"expected": "list"}), "too_short": ("type", {"expected": "list"}),
-            "union_tag_invalid": ("part", {}), "union_tag_not_found": ("part", {}), "literal_error": ("role", {})}
+            "union_tag_invalid": ("part", {}), "union_tag_not_found": ("part", {}), "literal_error": ("role", {}),
+            "string_unicode": ("encoding", {})}
 
 
 def param_of(loc: tuple, tags=()) -> str | None:
@@ -133,7 +141,9 @@ def from_validation(error: dict, tags=(), allowed=()) -> ApiError:
         kind, ctx = PYDANTIC[kind]
         ctx = {**ctx, "role": raw, "kind": raw.get("type") if isinstance(raw, dict) else None}
         loc += ("type",) if kind == "part" else ()
-    param = ctx.pop("param", None) or param_of(loc, tags)
+    if kind not in MESSAGES:             # a pydantic error this catalogue has no words for
+        kind, ctx = "json", {}
+    param = ctx.pop("param", None) or param_of(loc, tags) or str(raw)[:100]    # no location: a field's name
     if "at" in ctx:
         param += "." + ctx.pop("at")
     return ApiError(400, kind, param, **ctx)

@@ -60,7 +60,10 @@ class Number(Rule):
         self.expected = "integer" if kind is int else "number"
 
     def check(self, raw, info):
-        value = self.convert(raw, (info.context or {}).get("form"))
+        try:
+            value = self.convert(raw, (info.context or {}).get("form"))
+        except OverflowError:               # float() of an integer with hundreds of digits
+            value, raw = math.inf, f"{str(raw)[:20]}…"
         hi = (info.context or {}).get(self.hi) if isinstance(self.hi, str) else self.hi
         hi = math.inf if hi is None else hi
         if not (math.isfinite(value) and self.lo <= value <= hi):

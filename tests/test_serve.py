@@ -354,6 +354,17 @@ def test_flags_win_over_environment_which_wins_over_defaults(monkeypatch):
         serve.settings_from(serve.build_parser().parse_args([]))
 
 
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0"])
+def test_upload_limit_must_be_a_finite_positive_number(monkeypatch, capsys, value):
+    """SERVE_MAX_UPLOAD_MB=inf used to pass, then every request (even /health) was a 500."""
+    import serve
+    monkeypatch.setenv("SERVE_MAX_UPLOAD_MB", value)
+    with pytest.raises(SystemExit) as e:
+        serve.main(["--port", str(free_port())])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("错误：") and "max_upload_mb" in lines[0], lines
+
+
 def test_request_models_check_what_the_schema_documents():
     """In-process, without HTTP: one declaration gives the bound in /openapi.json and the check."""
     from server import protocol
