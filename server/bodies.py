@@ -63,10 +63,16 @@ class Utf8FormParser(MultiPartParser):
             raise ApiError(400, "form_encoding", name) from None
 
 
+def require_media_type(request: Request, expected: str, default: str = ""):
+    """415 unless the Content-Type names exactly `expected` (case-insensitively, parameters
+    aside): `Application/JSON` is JSON, `application/json-patch+json` is not."""
+    given = request.headers.get("content-type", default).partition(";")[0].strip().lower()
+    if given != expected:
+        raise ApiError(415, "content_type", ctype=expected)
+
+
 async def json_body(request: Request, limit: int) -> dict:
-    ctype = request.headers.get("content-type", "application/json")
-    if not ctype.startswith("application/json"):
-        raise ApiError(415, "content_type", ctype="application/json")
+    require_media_type(request, "application/json", default="application/json")
     raw = await read_body(request, limit)
     try:
         body = json.loads(raw)
@@ -79,12 +85,15 @@ async def json_body(request: Request, limit: int) -> dict:
 
 async def form_body(request: Request, limit: int, max_files: int):
     """The multipart form (uploads kept as files), or 415/413/400."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise ApiError(415, "content_type", ctype="multipart/form-data")
+    require_media_type(request, "multipart/form-data")
     await read_body(request, limit)
     try:
-        return await Utf8FormParser(request.headers, request.stream(), max_files=max_files, max_fields=32).parse()
+        form = await Utf8FormParser(request.headers, request.stream(), max_files=max_files, max_fields=32).parse()
     except ApiError:
         raise
     except Exception:
         raise ApiError(400, "multipart") from None
+    for name in {k for k, v in form.multi_items() if isinstance(v, str)}:
+        if len(form.getlist(name)) > 1:          # not last-wins: which one did the client mean?
+            raise ApiError(400, "duplicate_field", name[:100])
+    return form

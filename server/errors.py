@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 
 RETRY_AFTER = 2                    # seconds, sent with 503 answers
 
@@ -49,6 +50,12 @@ MESSAGES = {
                       "The form field {param} is not valid UTF-8 text; send it encoded as UTF-8."),
     "form_charset": ("表单字段 {param} 声明的字符集是 {charset}，只支持 UTF-8，请用 UTF-8 编码发送。",
                      "The form field {param} declares the charset {charset}; only UTF-8 is supported, send it encoded as UTF-8."),
+    "duplicate_field": ("表单字段 {param} 出现了不止一次：每个字段只能发一次。",
+                        "The form field {param} was sent more than once; send each field once."),
+    "transfer_encoding": ("不支持的 Transfer-Encoding：{value}。只接受 chunked，或用 Content-Length 发送。",
+                          "Unsupported Transfer-Encoding: {value}. Only chunked is accepted, or send a Content-Length."),
+    "cors": ("跨域请求被拒绝：来源、方法或请求头不在允许之列。允许的网页来源用 --cors-origins（SERVE_CORS_ORIGINS）设置。",
+             "Cross-origin request refused: the origin, method or headers are not allowed. Allowed page origins are set with --cors-origins (SERVE_CORS_ORIGINS)."),
     "json": ("请求体不是合法的 JSON 对象。", "The request body is not a valid JSON object."),
     "multipart": ("表单数据无法解析，请用 multipart/form-data 上传。", "The form data cannot be parsed; upload it as multipart/form-data."),
     "content_type": ("Content-Type 应为 {ctype}。", "Content-Type must be {ctype}."),
@@ -94,10 +101,10 @@ def busy(code: str, **fmt) -> ApiError:
     return ApiError(503, code, headers={"Retry-After": str(RETRY_AFTER)}, retry=RETRY_AFTER, **fmt)
 
 
-def language(request: Request) -> str:
+def language(request: Request | Headers) -> str:
     """'en' when Accept-Language prefers English over Chinese, else 'zh' (the default)."""
     best, best_q = "zh", 0.0
-    for item in request.headers.get("accept-language", "").split(","):
+    for item in getattr(request, "headers", request).get("accept-language", "").split(","):
         tag, _, params = item.strip().partition(";")
         q = 1.0
         if params.strip().startswith("q="):

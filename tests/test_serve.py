@@ -319,6 +319,19 @@ def test_cors_allows_the_page_origin(servers):
     other = httpx.options(servers.base + "/v1/generate-multipart", timeout=10, headers={
         "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in other.headers
+    assert other.status_code == 400 and other.json()["error"]["code"] == "cors", other.text
+
+
+def test_media_types_are_case_insensitive(servers):
+    """`Application/JSON; charset=UTF-8` is JSON (was 415); the match is exact, not a prefix."""
+    r = httpx.post(servers.base + "/v1/generate", timeout=60, content=json.dumps({"prompt": "x", "max_new_tokens": 2}),
+                   headers={"content-type": "Application/JSON; charset=UTF-8"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+    form = (b'--XyZ\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n--XyZ\r\nContent-Disposition: '
+            b'form-data; name="max_new_tokens"\r\n\r\n2\r\n--XyZ--\r\n')
+    r = httpx.post(servers.base + "/v1/generate-multipart", timeout=60, content=form,
+                   headers={"content-type": "Multipart/Form-Data; boundary=XyZ"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
 
 
 def test_bad_checkpoint_stops_startup_with_one_message(tmp_path):
