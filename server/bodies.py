@@ -2,6 +2,7 @@
 be an object, and multipart forms whose text fields must be UTF-8."""
 from __future__ import annotations
 
+import asyncio
 import codecs
 import json
 
@@ -11,20 +12,32 @@ from starlette.formparsers import MultiPartParser, parse_options_header
 from server.errors import ApiError
 
 
+TEXT_LIMIT = 2 ** 20          # a JSON body's bytes that are not base64 (images): text, numbers, structure
+INLINE_PARSE = 2 ** 16        # larger JSON bodies are parsed in a worker thread, off the event loop
+BASE64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, or 413 past `limit`. An oversized body is still read (up to 4x the
-    limit) so the client gets the JSON answer instead of a reset connection."""
+    """The whole body, or 413 past `limit`, or 408 when it has not all arrived within the
+    request's time limit (a body announced longer than sent, or trickled a byte a second). An
+    oversized body is still read (up to 4x the limit) so the client gets the JSON answer
+    instead of a reset connection."""
     declared = request.headers.get("content-length", "")
     too_big = ApiError(413, "body_too_large", limit_mb=round(limit / 2 ** 20, 1))
     if declared.isdigit() and int(declared) > 4 * limit:
         raise too_big
+    seconds = request.app.state.server.settings.request_timeout
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= limit:
-            chunks.append(chunk)
-        elif size > 4 * limit:
-            break
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size <= limit:
+                    chunks.append(chunk)
+                elif size > 4 * limit:
+                    break
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", headers={"Connection": "close"}, limit=seconds) from None
     if size > limit:
         raise too_big
     request._body = b"".join(chunks)             # lets request.stream() replay what was read
@@ -74,6 +87,17 @@ def require_media_type(request: Request, expected: str, default: str = ""):
 async def json_body(request: Request, limit: int) -> dict:
     require_media_type(request, "application/json", default="application/json")
     raw = await read_body(request, limit)
+    return parse_json(raw) if len(raw) <= INLINE_PARSE else await asyncio.to_thread(parse_json, raw)
+
+
+def parse_json(raw: bytes) -> dict:
+    """A JSON object. Past TEXT_LIMIT, only base64 may make a body big: the bytes outside the
+    base64 alphabet (counted before parsing, 1 MB at a time) must fit TEXT_LIMIT, so a big body
+    of `{}` or numbers is refused before it becomes millions of Python objects."""
+    if len(raw) > TEXT_LIMIT:
+        other = sum(len(raw[i:i + TEXT_LIMIT].translate(None, BASE64)) for i in range(0, len(raw), TEXT_LIMIT))
+        if other > TEXT_LIMIT:
+            raise ApiError(413, "text_too_large", limit_mb=TEXT_LIMIT / 2 ** 20)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):    # RecursionError: nested too deeply

@@ -405,7 +405,7 @@ def schema_of(model: type[BaseModel], limits: dict | None = None, form=False, mo
     return fill(schema)
 
 
-def api_docs(body: dict | None = None, ok: type[BaseModel] | None = None, errors=(400, 413, 415, 503)) -> dict:
+def api_docs(body: dict | None = None, ok: type[BaseModel] | None = None, errors=(400, 408, 413, 415, 503)) -> dict:
     """Keyword arguments for a route: its request body (content type -> schema), its 200 answer
     (as JSON, and as server-sent events when it has a body) and its error answers."""
     error = {"application/json": {"schema": schema_of(ErrorResponse, mode="serialization")}}

@@ -5,6 +5,7 @@ import io
 import json
 import socket
 import struct
+import time
 import zlib
 
 import httpx
@@ -123,7 +124,8 @@ CATALOGUE = [  # (id, method, path, request kwargs, expected status, expected co
     ("temperature-negative", "POST", GEN, lambda: gen(temperature=-0.5), 400, "range"),
     ("top-k-huge", "POST", GEN, lambda: gen(top_k=10 ** 30), 400, "range"),
     ("seed-negative", "POST", GEN, lambda: gen(seed=-5), 400, "range"),
-    ("prompt-1mb", "POST", GEN, lambda: gen(prompt="图" * 2 ** 20), 400, "prompt_chars"),
+    ("prompt-1mb", "POST", GEN, lambda: gen(prompt="图" * 2 ** 20), 413, "text_too_large"),     # 3 MB of text
+    ("prompt-5000-chars", "POST", GEN, lambda: gen(prompt="图" * 5000), 400, "prompt_chars"),
     ("prompt-number", "POST", GEN, lambda: gen(prompt=42), 400, "type"),
     ("prompt-object", "POST", GEN, lambda: gen(prompt={"text": "x"}), 400, "type"),
     ("prompt-null", "POST", GEN, lambda: gen(prompt=None), 400, "missing"),
@@ -162,6 +164,8 @@ CATALOGUE = [  # (id, method, path, request kwargs, expected status, expected co
      400, "part"),
     ("top-p-400-digits", "POST", CHAT, lambda: raw_json('{"messages": [{"role": "user", "content": "x"}], "top_p": -' + "9" * 400 + "}"),
      400, "range"),
+    ("chat-2mb-of-structure", "POST", CHAT, lambda: raw_json('{"messages": [{"role": "user", "content": "x"}], "junk": ['
+                                                             + "{}," * 700_000 + "{}]}"), 413, "text_too_large"),
     ("max-tokens-1e9-chat", "POST", CHAT, lambda: chat("hi", max_tokens=10 ** 9), 400, "range"),
     ("temperature-string-chat", "POST", CHAT, lambda: chat("hi", temperature="hot"), 400, "type"),
     # routing
@@ -242,13 +246,9 @@ def test_form_utf8_chinese_and_emoji_unchanged(servers):
         assert r.json()["text"] == ref.json()["text"] and r.json()["usage"] == ref.json()["usage"], (r.json(), ref.json())
 
 
-def test_transfer_encoding_other_than_chunked_is_refused(servers):
-    """`Transfer-Encoding: gzip, chunked` was accepted with the gzip ignored: now a 400 in our
-    shape, sent on a raw socket (no client library sends it)."""
-    port = int(servers.base.rsplit(":", 1)[1])
-    request = (b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-               b"Transfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+def raw_exchange(base: str, request: bytes, timeout=30) -> tuple[bytes, dict]:
+    """Send bytes on a raw socket; (the status line, the JSON body) of the answer."""
+    with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=timeout) as s:
         s.sendall(request)
         reply = b""
         while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
@@ -257,6 +257,24 @@ def test_transfer_encoding_other_than_chunked_is_refused(servers):
                 break
             reply += chunk
     head, _, body = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 400"), reply[:500]
-    assert json.loads(body)["error"]["code"] == "transfer_encoding"
+    return head.split(b"\r\n")[0], json.loads(body or b"{}")
+
+
+def test_body_announced_longer_than_sent_times_out(servers):
+    """Content-Length 1000 with 10 bytes sent used to hold the connection forever: now 408 in our
+    shape once the request's time limit (0.5 s on the tight server) has passed."""
+    start = time.monotonic()
+    status, body = raw_exchange(servers.tight, b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\":")
+    assert status.startswith(b"HTTP/1.1 408") and body["error"]["code"] == "body_timeout", (status, body)
+    assert time.monotonic() - start < 20
+    assert httpx.get(servers.tight + "/health", timeout=30).status_code == 200
+
+
+def test_transfer_encoding_other_than_chunked_is_refused(servers):
+    """`Transfer-Encoding: gzip, chunked` was accepted with the gzip ignored: now a 400 in our
+    shape, sent on a raw socket (no client library sends it)."""
+    status, body = raw_exchange(servers.base, b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                                b"application/json\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400") and body["error"]["code"] == "transfer_encoding", (status, body)
     assert httpx.get(servers.base + "/health", timeout=30).status_code == 200

@@ -322,6 +322,18 @@ def test_cors_allows_the_page_origin(servers):
     assert other.status_code == 400 and other.json()["error"]["code"] == "cors", other.text
 
 
+def test_big_image_passes_the_text_limit(servers):
+    """Past 1 MB a JSON body must be base64: a 2 MB data URL image still gets its answer."""
+    noise = Image.frombytes("RGB", (800, 800), os.urandom(800 * 800 * 3))
+    buf = io.BytesIO()
+    noise.save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    assert len(url) > 2 ** 21
+    r = httpx.post(servers.base + "/v1/chat/completions", timeout=60, json={"max_tokens": 2, "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "描述"}]}]})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+
+
 def test_media_types_are_case_insensitive(servers):
     """`Application/JSON; charset=UTF-8` is JSON (was 415); the match is exact, not a prefix."""
     r = httpx.post(servers.base + "/v1/generate", timeout=60, content=json.dumps({"prompt": "x", "max_new_tokens": 2}),
