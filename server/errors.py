@@ -28,7 +28,9 @@ MESSAGES = {
                   "Unsupported image URL: only data: URLs are accepted (and http/https when the server allows remote images)."),
     "remote_disabled": ("服务器没有开启远程图片下载。请把图片编码成 data: URL 发送，或用 --allow-remote-images 启动服务。",
                         "This server does not fetch remote images. Send the image as a data: URL, or start the server with --allow-remote-images."),
-    "remote_failed": ("下载图片失败：{detail}", "Downloading the image failed: {detail}"),
+    "remote_failed": ("下载图片失败：无法连接、超时、对方没有返回图片，或重定向到了不允许的地址（只能是公网的 http/https 地址）。",
+                      "Downloading the image failed: no connection, a timeout, no image in the reply, or a redirect to a "
+                      "disallowed address (only public http/https addresses)."),
     "missing": ("缺少必填字段 {param}。", "The field {param} is required."),
     "type": ("字段 {param} 应为{expected}。", "The field {param} must be {expected}."),
     "range": ("字段 {param} 超出范围：应在 {lo} 到 {hi} 之间，收到的是 {value}。",

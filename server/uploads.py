@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import urllib.request
 
 import torch
 
 import images
+from server import remote
 from server.errors import ApiError
 from server.settings import Settings
 
@@ -49,10 +49,9 @@ def image_bytes(ref: str, settings: Settings, param: str) -> bytes:
 
 def fetch(url: str, settings: Settings, param: str) -> bytes:
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "vlm-serve"}), timeout=10) as r:
-            data = r.read(settings.max_upload + 1)
-    except Exception as e:
-        raise ApiError(400, "remote_failed", param, detail=str(getattr(e, "reason", e))) from None
+        data = remote.download(url, settings.max_upload, min(remote.DEADLINE, settings.request_timeout))
+    except remote.Refused:
+        raise ApiError(400, "remote_failed", param) from None
     if len(data) > settings.max_upload:
         raise ApiError(413, "image_too_large", param, limit_mb=settings.max_upload_mb)
     return data

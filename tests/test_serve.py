@@ -1,5 +1,6 @@
 """serve.py as users reach it: a real uvicorn process on 127.0.0.1 (see serve_helpers.py)."""
 import base64
+import http.server
 import io
 import json
 import os
@@ -310,6 +311,50 @@ def test_remote_image_when_enabled(servers):
         srv.server_close()
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["prompt_tokens"] > 16
+
+
+class Hostile(http.server.BaseHTTPRequestHandler):
+    """A remote-image target that trickles, redirects where it must not, or says secrets."""
+
+    def do_GET(self):
+        if self.path == "/trickle":                  # a byte every 0.2 s: no single read times out
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            try:
+                for _ in range(150):
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
+            return
+        targets = {"/to-ftp": "ftp://127.0.0.1/a.png", "/to-loopback": f"http://127.0.0.1:{self.server.server_port}/banner"}
+        self.send_response(302 if self.path in targets else 500)
+        self.send_header("Location", targets.get(self.path, ""))
+        self.end_headers()
+        self.wfile.write(b"SECRET-BANNER of the service on this port")
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.mark.parametrize("path", ["/trickle", "/to-ftp", "/to-loopback", "/banner"])
+def test_remote_image_fetch_is_bounded_and_says_nothing_of_the_target(servers, path):
+    """The tight server (0.5 s per request) gives up on a trickling target within its deadline,
+    follows no redirect to ftp:// or to loopback, and never repeats what the target answered."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_port}{path}"
+    try:
+        start = time.monotonic()
+        r = httpx.post(servers.tight + "/v1/generate", timeout=60, json={"prompt": "x", "max_new_tokens": 2, "image": url})
+        took = time.monotonic() - start
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert r.status_code == 400 and r.json()["error"]["code"] == "remote_failed", r.text
+    assert "SECRET" not in r.text and "ftp" not in r.text and took < 10, (r.text, took)
 
 
 def test_cors_allows_the_page_origin(servers):
