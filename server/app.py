@@ -78,6 +78,7 @@ def create_app(settings: Settings, obj: dict | None = None) -> FastAPI:
         yield
         if srv.engine:
             srv.engine.close()
+        srv.decoder.shutdown(wait=False, cancel_futures=True)
 
     # No /docs: Swagger UI loads its scripts from a CDN (fails offline, tells a third party who
     # reads the docs); /openapi.json stays. No trailing-slash redirect: it trusted the Host header.

@@ -13,16 +13,22 @@ from server.errors import ApiError
 from server.settings import Settings
 
 
+DECODE_BYTES = 2 ** 29       # one decode's peak memory estimate (images.decode_bytes): 512 MB
+JPEG_SCANS = 64              # encoders write ~10 for a progressive JPEG; 400 tiny ones took 35 s to decode
+
+
 def image_pixels(data: bytes, settings: Settings, cfg, param: str) -> torch.Tensor:
     """Bytes -> the model's pixel tensor, through the same path as training (images.py). The file
     size and the header (pixel count) are checked before any pixel is decoded; anything wrong
     with the file is a 400/413, never a 500."""
     if len(data) > settings.max_upload:
         raise ApiError(413, "image_too_large", param, limit_mb=settings.max_upload_mb)
+    policy = images.ImagePolicy(settings.max_image_pixels, max_bytes=DECODE_BYTES, max_scans=JPEG_SCANS)
     try:
-        return images.pixels(data, cfg, images.ImagePolicy(settings.max_image_pixels))
+        return images.pixels(data, cfg, policy)
     except images.BadImage as e:
-        code = {"pixels": "image_pixels", "broken": "image_broken"}.get(e.code, "image_unreadable")
+        code = {"pixels": "image_pixels", "broken": "image_broken", "memory": "image_memory",
+                "scans": "image_scans"}.get(e.code, "image_unreadable")
         raise ApiError(400, code, param, **e.info) from None
 
 

@@ -22,10 +22,10 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def png_claiming(width: int, height: int) -> bytes:
-    """8x8 pixels of data behind a header that says width x height."""
+def png_claiming(width: int, height: int, colour: int = 0) -> bytes:
+    """8x8 pixels of data behind a header that says width x height (colour 6: RGBA)."""
     rows = b"".join(b"\0" + b"\0" * 8 for _ in range(8))
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0))
             + png_chunk(b"IDAT", zlib.compress(rows)) + png_chunk(b"IEND", b""))
 
 
@@ -93,6 +93,8 @@ CATALOGUE = [  # (id, method, path, request kwargs, expected status, expected co
     ("truncated-png", "POST", MP, lambda: form(PNG[:len(PNG) // 2]), 400, "image_broken"),
     ("truncated-jpeg", "POST", MP, lambda: form(NOISY[:len(NOISY) // 3]), 400, "image_broken"),
     ("png-header-20000x20000", "POST", MP, lambda: form(png_claiming(20000, 20000)), 400, "image_pixels"),
+    ("png-rgba-6300x6300-memory", "POST", MP, lambda: form(png_claiming(6300, 6300, colour=6)), 400, "image_memory"),
+    ("jpeg-with-100-scans", "POST", MP, lambda: form(NOISY + b"\xff\xda\0\x08" * 100, "a.jpg"), 400, "image_scans"),
     ("png-bomb-20000x20000", "POST", MP, lambda: form(png_bomb()), 400, "image_pixels"),
     ("upload-over-limit", "POST", MP, lambda: form(b"\0" * (21 * 2 ** 20)), 413, "body_too_large"),
     ("postscript-as-image", "POST", MP, lambda: form(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n"), 400, "image_unreadable"),
