@@ -16,6 +16,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import chat, generate, meta
+from server.connection import MAX_HEADERS, header_limits
 from server.errors import ApiError, language
 from server.settings import Settings
 from server.state import Server
@@ -37,9 +38,10 @@ class AbsoluteFormTargets:
         await self.app(scope, receive, send)
 
 
-class ChunkedOnly:
-    """A Transfer-Encoding other than plain `chunked` (`gzip, chunked`) is refused: the parser
-    would drop the gzip and hand the app compressed bytes as the body."""
+class HeaderChecks:
+    """More than MAX_HEADERS header lines is 431 (their bytes are bounded in connection.py). A
+    Transfer-Encoding other than plain `chunked` (`gzip, chunked`) is refused: the parser would
+    drop the gzip and hand the app compressed bytes as the body."""
 
     def __init__(self, app):
         self.app = app
@@ -47,6 +49,9 @@ class ChunkedOnly:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             headers = Headers(scope=scope)
+            if len(scope["headers"]) > MAX_HEADERS:
+                error = ApiError(431, "header_too_large", headers={"Connection": "close"}, **header_limits())
+                return await error.response(language(headers))(scope, receive, send)
             coding = ",".join(headers.getlist("transfer-encoding"))
             if coding and coding.strip().lower() != "chunked":
                 error = ApiError(400, "transfer_encoding", value=coding[:100], headers={"Connection": "close"})
@@ -88,7 +93,7 @@ def create_app(settings: Settings, obj: dict | None = None) -> FastAPI:
     app.add_middleware(JsonCors, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
                        allow_headers=["*"], max_age=600)
     app.add_middleware(AbsoluteFormTargets)
-    app.add_middleware(ChunkedOnly)
+    app.add_middleware(HeaderChecks)
     add_error_answers(app)
     for family in (meta, generate, chat):
         app.include_router(family.router(settings))

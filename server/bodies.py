@@ -7,6 +7,7 @@ import codecs
 import json
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 from starlette.formparsers import MultiPartParser, parse_options_header
 
 from server.errors import ApiError
@@ -38,6 +39,8 @@ async def read_body(request: Request, limit: int) -> bytes:
                     break
     except TimeoutError:
         raise ApiError(408, "body_timeout", headers={"Connection": "close"}, limit=seconds) from None
+    except ClientDisconnect:             # an aborted upload: expected, no traceback in the log
+        raise ApiError(400, "body_aborted") from None
     if size > limit:
         raise too_big
     request._body = b"".join(chunks)             # lets request.stream() replay what was read

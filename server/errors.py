@@ -13,6 +13,9 @@ MESSAGES = {
                        "The request body exceeds the {limit_mb:g} MB limit. Compress or shrink the image and retry."),
     "text_too_large": ("请求里图片（base64）以外的内容超过上限 {limit_mb:g} MB。",
                        "The request's content other than images (base64) exceeds the {limit_mb:g} MB limit."),
+    "body_aborted": ("请求内容没有传完，客户端已断开。", "The request body was cut short: the client disconnected."),
+    "header_timeout": ("请求头没有在 {limit:g} 秒内传完，连接已关闭。", "The request headers did not arrive within {limit:g} s; the connection is closed."),
+    "header_too_large": ("请求头太大或太多：上限是 {limit_kb} KB、{count} 行。", "The request headers are too large or too many: the limit is {limit_kb} KB and {count} lines."),
     "body_timeout": ("请求内容没有在 {limit:g} 秒内传完，连接已关闭。", "The request body did not arrive within {limit:g} s; the connection is closed."),
     "image_too_large": ("图片文件超过上限 {limit_mb:g} MB。请压缩或缩小图片后重试。",
                         "The image file exceeds the {limit_mb:g} MB limit. Compress or shrink it and retry."),
@@ -78,8 +81,8 @@ MESSAGES = {
 EXPECTED = {"integer": ("整数", "an integer"), "number": ("数字", "a number"), "boolean": ("true 或 false", "true or false"),
             "string": ("字符串", "a string"), "list": ("非空列表", "a non-empty list"), "object": ("对象", "an object"),
             "file": ("图片文件", "an image file")}
-TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error", 408: "invalid_request_error",
-         413: "invalid_request_error", 415: "invalid_request_error", 500: "server_error", 503: "service_unavailable"}
+TYPES = {**{status: "invalid_request_error" for status in (400, 404, 405, 408, 413, 415, 431)},
+         500: "server_error", 503: "service_unavailable"}
 
 
 class ApiError(Exception):

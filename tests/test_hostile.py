@@ -280,3 +280,36 @@ def test_transfer_encoding_other_than_chunked_is_refused(servers):
                                 b"application/json\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
     assert status.startswith(b"HTTP/1.1 400") and body["error"]["code"] == "transfer_encoding", (status, body)
     assert httpx.get(servers.base + "/health", timeout=30).status_code == 200
+
+
+def test_request_headers_are_bounded_in_size_count_and_time(servers):
+    """An 8 MB header, 20,000 headers and headers sent a byte a second were all accepted: now
+    431 past 64 KB (exactly 64 KB + 1 sent, so the server has read all of it before it closes)
+    or 100 lines, and 408 when they are not complete 10 s after the connection opened."""
+    from server.connection import HEADER_SECONDS, MAX_HEADER_BYTES
+    head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "
+    status, body = raw_exchange(servers.base, head + b"a" * (MAX_HEADER_BYTES + 1 - len(head)))
+    assert status.startswith(b"HTTP/1.1 431") and body["error"]["code"] == "header_too_large", (status, body)
+    many = b"".join(b"X-%d: 1\r\n" % i for i in range(150))
+    status, body = raw_exchange(servers.base, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + many + b"\r\n")
+    assert status.startswith(b"HTTP/1.1 431") and body["error"]["code"] == "header_too_large", (status, body)
+    start = time.monotonic()
+    status, body = raw_exchange(servers.base, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n", timeout=HEADER_SECONDS + 30)
+    assert status.startswith(b"HTTP/1.1 408") and body["error"]["code"] == "header_timeout", (status, body)
+    assert HEADER_SECONDS - 1 < time.monotonic() - start < HEADER_SECONDS + 20
+    assert httpx.get(servers.base + "/health", timeout=30).status_code == 200
+
+
+def test_aborted_upload_logs_no_traceback(servers):
+    """A client that announces 1000 bytes, sends 10 and hangs up: no traceback in the log."""
+    log = servers.dir / "main.log"
+    start = log.stat().st_size
+    port = int(servers.base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"prompt\":")
+        time.sleep(0.3)
+    assert httpx.get(servers.base + "/health", timeout=30).status_code == 200
+    time.sleep(0.5)
+    written = log.read_bytes()[start:].decode(errors="replace")
+    assert "Traceback" not in written and "request failed" not in written, written[-3000:]
