@@ -15,19 +15,20 @@ from server.errors import ApiError
 
 TEXT_LIMIT = 2 ** 20          # a JSON body's bytes that are not base64 (images): text, numbers, structure
 INLINE_PARSE = 2 ** 16        # larger JSON bodies are parsed in a worker thread, off the event loop
+BODY_SECONDS = 5.0            # the least time a body may take (more when --request-timeout is longer)
 BASE64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, or 413 past `limit`, or 408 when it has not all arrived within the
-    request's time limit (a body announced longer than sent, or trickled a byte a second). An
+    request's time limit (at least BODY_SECONDS) (a body announced longer than sent, or trickled a byte a second). An
     oversized body is still read (up to 4x the limit) so the client gets the JSON answer
     instead of a reset connection."""
     declared = request.headers.get("content-length", "")
     too_big = ApiError(413, "body_too_large", limit_mb=round(limit / 2 ** 20, 1))
     if declared.isdigit() and int(declared) > 4 * limit:
         raise too_big
-    seconds = request.app.state.server.settings.request_timeout
+    seconds = max(BODY_SECONDS, request.app.state.server.settings.request_timeout)
     chunks, size = [], 0
     try:
         async with asyncio.timeout(seconds):

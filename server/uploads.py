@@ -55,7 +55,7 @@ def image_bytes(ref: str, settings: Settings, param: str) -> bytes:
 
 def fetch(url: str, settings: Settings, param: str) -> bytes:
     try:
-        data = remote.download(url, settings.max_upload, min(remote.DEADLINE, settings.request_timeout))
+        data = remote.download(url, settings.max_upload)
     except remote.Refused:
         raise ApiError(400, "remote_failed", param) from None
     if len(data) > settings.max_upload:

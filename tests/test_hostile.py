@@ -264,12 +264,12 @@ def raw_exchange(base: str, request: bytes, timeout=30) -> tuple[bytes, dict]:
 
 def test_body_announced_longer_than_sent_times_out(servers):
     """Content-Length 1000 with 10 bytes sent used to hold the connection forever: now 408 in our
-    shape once the request's time limit (0.5 s on the tight server) has passed."""
+    shape once the body's time limit (the least, 5 s, on the tight server) has passed."""
     start = time.monotonic()
     status, body = raw_exchange(servers.tight, b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                                 b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\":")
     assert status.startswith(b"HTTP/1.1 408") and body["error"]["code"] == "body_timeout", (status, body)
-    assert time.monotonic() - start < 20
+    assert 4 < time.monotonic() - start < 25
     assert httpx.get(servers.tight + "/health", timeout=30).status_code == 200
 
 

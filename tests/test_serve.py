@@ -341,8 +341,8 @@ class Hostile(http.server.BaseHTTPRequestHandler):
 
 @pytest.mark.parametrize("path", ["/trickle", "/to-ftp", "/to-loopback", "/banner"])
 def test_remote_image_fetch_is_bounded_and_says_nothing_of_the_target(servers, path):
-    """The tight server (0.5 s per request) gives up on a trickling target within its deadline,
-    follows no redirect to ftp:// or to loopback, and never repeats what the target answered."""
+    """A trickling target (a byte every 0.2 s, no read ever times out) is given up at the 10 s
+    deadline; no redirect to ftp:// or to loopback is followed; nothing the target said is repeated."""
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_port}{path}"
@@ -354,7 +354,7 @@ def test_remote_image_fetch_is_bounded_and_says_nothing_of_the_target(servers, p
         srv.shutdown()
         srv.server_close()
     assert r.status_code == 400 and r.json()["error"]["code"] == "remote_failed", r.text
-    assert "SECRET" not in r.text and "ftp" not in r.text and took < 10, (r.text, took)
+    assert "SECRET" not in r.text and "ftp" not in r.text and took < 30, (r.text, took)
 
 
 def test_cors_allows_the_page_origin(servers):
