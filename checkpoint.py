@@ -228,9 +228,33 @@ def is_torch_file(path: Path) -> bool:
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
+# Sane bounds for a config's sizes, checked before anything is allocated: a file's config alone
+# must not decide that start-up allocates terabytes (a 10^12 context, a million layers).
+CONFIG_BOUNDS = {"vit_image_size": (8, 4096), "vit_patch_size": (1, 4096), "vit_dim": (1, 16384),
+                 "vit_layers": (1, 512), "vit_heads": (1, 1024), "lm_vocab_size": (2, 2 ** 21),
+                 "lm_dim": (1, 65536), "lm_layers": (1, 1024), "lm_heads": (1, 1024), "lm_kv_heads": (1, 1024),
+                 "lm_hidden": (1, 2 ** 18), "lm_max_len": (16, 2 ** 20)}
+MAX_PARAMETERS = 2 ** 36            # a lower bound on the built-in model's size must stay under this
+
+
+def check_config(cfg: VLMConfig):
+    """Raise ValueError for a config no model of ours has: sizes out of bounds, not integers."""
+    for key, (lo, hi) in CONFIG_BOUNDS.items():
+        value = getattr(cfg, key)
+        if type(value) is not int or not lo <= value <= hi:
+            raise ValueError(f"{key}={value!r} 超出合理范围（应为 {lo} 到 {hi} 的整数）")
+    for key in ("vit_mlp_ratio", "lm_rope_theta", "lm_norm_eps"):
+        if type(getattr(cfg, key)) not in (int, float) or not 0 < getattr(cfg, key) < 1e12:
+            raise ValueError(f"{key}={getattr(cfg, key)!r} 不是合理的正数")
+    least = cfg.lm_layers * 3 * cfg.lm_dim * cfg.lm_hidden + cfg.vit_layers * 8 * cfg.vit_dim ** 2
+    if least > MAX_PARAMETERS:
+        raise ValueError(f"这些尺寸意味着至少 {least:,} 个参数，超出上限 {MAX_PARAMETERS:,}")
+
+
 def model_from_dict(obj: dict, path="检查点") -> tuple[VLM, Tokenizer]:
     try:
         cfg = VLMConfig.from_dict(obj["config"])
+        check_config(cfg)
         tokenizer = load_tokenizer(obj["tokenizer"])
     except Exception as e:  # any malformed field: the file is not ours or was edited
         raise UserError(f"{path} 的配置或分词器无法解析：{e}") from e

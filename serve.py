@@ -22,6 +22,7 @@ from pathlib import Path
 import checkpoint
 from errors import UserError, cli
 from server.app import create_app
+from server.connection import BoundedHttp
 from server.settings import OPTIONS, Settings, build_parser, settings_from
 
 HERE = Path(__file__).resolve().parent
@@ -83,7 +84,7 @@ def main(argv=None):
         return
     app = create_app(settings, obj)
     http_server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                                           timeout_graceful_shutdown=3))
+                                                timeout_graceful_shutdown=3, http=BoundedHttp))
     app.state.server.on_fatal = lambda: setattr(http_server, "should_exit", True)
     http_server.run()
     if app.state.server.failed:

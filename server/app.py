@@ -12,9 +12,11 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import chat, generate, meta
+from server.connection import MAX_HEADERS, header_limits
 from server.errors import ApiError, language
 from server.settings import Settings
 from server.state import Server
@@ -36,6 +38,37 @@ class AbsoluteFormTargets:
         await self.app(scope, receive, send)
 
 
+class HeaderChecks:
+    """More than MAX_HEADERS header lines is 431 (their bytes are bounded in connection.py). A
+    Transfer-Encoding other than plain `chunked` (`gzip, chunked`) is refused: the parser would
+    drop the gzip and hand the app compressed bytes as the body."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            if len(scope["headers"]) > MAX_HEADERS:
+                error = ApiError(431, "header_too_large", headers={"Connection": "close"}, **header_limits())
+                return await error.response(language(headers))(scope, receive, send)
+            coding = ",".join(headers.getlist("transfer-encoding"))
+            if coding and coding.strip().lower() != "chunked":
+                error = ApiError(400, "transfer_encoding", value=coding[:100], headers={"Connection": "close"})
+                return await error.response(language(headers))(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class JsonCors(CORSMiddleware):
+    """Starlette's CORS, except that a refused preflight is our JSON error, not plain text."""
+
+    def preflight_response(self, request_headers: Headers):
+        answer = super().preflight_response(request_headers)
+        if answer.status_code != 400:
+            return answer
+        return ApiError(400, "cors").response(language(request_headers))
+
+
 def create_app(settings: Settings, obj: dict | None = None) -> FastAPI:
     """obj: the checkpoint file if already read (serve.py reads it before the port opens)."""
     # The engine thread gives up the GIL inside every torch op; with the default 5 ms switch
@@ -50,13 +83,17 @@ def create_app(settings: Settings, obj: dict | None = None) -> FastAPI:
         yield
         if srv.engine:
             srv.engine.close()
+        srv.decoder.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="VLM serve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # No /docs: Swagger UI loads its scripts from a CDN (fails offline, tells a third party who
+    # reads the docs); /openapi.json stays. No trailing-slash redirect: it trusted the Host header.
+    app = FastAPI(title="VLM serve", lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False)
     app.state.server = srv
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
-    app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
+    app.add_middleware(JsonCors, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
                        allow_headers=["*"], max_age=600)
     app.add_middleware(AbsoluteFormTargets)
+    app.add_middleware(HeaderChecks)
     add_error_answers(app)
     for family in (meta, generate, chat):
         app.include_router(family.router(settings))

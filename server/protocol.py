@@ -60,7 +60,10 @@ class Number(Rule):
         self.expected = "integer" if kind is int else "number"
 
     def check(self, raw, info):
-        value = self.convert(raw, (info.context or {}).get("form"))
+        try:
+            value = self.convert(raw, (info.context or {}).get("form"))
+        except OverflowError:               # float() of an integer with hundreds of digits
+            value, raw = math.inf, f"{str(raw)[:20]}…"
         hi = (info.context or {}).get(self.hi) if isinstance(self.hi, str) else self.hi
         hi = math.inf if hi is None else hi
         if not (math.isfinite(value) and self.lo <= value <= hi):
@@ -402,7 +405,7 @@ def schema_of(model: type[BaseModel], limits: dict | None = None, form=False, mo
     return fill(schema)
 
 
-def api_docs(body: dict | None = None, ok: type[BaseModel] | None = None, errors=(400, 413, 415, 503)) -> dict:
+def api_docs(body: dict | None = None, ok: type[BaseModel] | None = None, errors=(400, 408, 413, 415, 503)) -> dict:
     """Keyword arguments for a route: its request body (content type -> schema), its 200 answer
     (as JSON, and as server-sent events when it has a body) and its error answers."""
     error = {"application/json": {"schema": schema_of(ErrorResponse, mode="serialization")}}

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from engine import Job, QueueFull
 from server.errors import ApiError, busy, language
@@ -49,7 +49,7 @@ def usage(job: Job) -> dict:
 async def generate(request: Request, srv: Server, turns: list[dict], images: list, req: Generating,
                    param: str, reply: Reply):
     """The answer to one request: a dict (JSON), a stream of events, or 499 if the client left."""
-    pixels = await run_in_threadpool(to_pixels, images, srv.settings, srv.model.cfg)
+    pixels = await decode(srv, images) if images else None
     job = start(srv, prompt_ids(srv, turns, len(images), param), pixels, req)
     first = await next_event(job, request)
     if first is None:
@@ -60,6 +60,32 @@ async def generate(request: Request, srv: Server, turns: list[dict], images: lis
         return reply.whole(job, srv.tok.decode(job.tokens))
     return StreamingResponse(events(srv, job, first, reply, language(request)), media_type="text/event-stream",
                              headers=SSE_HEADERS)
+
+
+async def decode(srv: Server, images: list):
+    """The images' pixels from the bounded decode pool (server/state.py). Admission first: past
+    max_batch + max_queue requests waiting for it, 503 at once; one still waiting (not started)
+    at the request's time limit gives up, undecoded. Text-only requests never wait here."""
+    s = srv.settings
+    if srv.decoding >= s.max_batch + s.max_queue:
+        raise busy("queue_full")
+    started = threading.Event()
+
+    def work():
+        started.set()
+        return to_pixels(images, s, srv.model.cfg)
+    srv.decoding += 1
+    try:
+        future = asyncio.get_running_loop().run_in_executor(srv.decoder, work)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), s.request_timeout)
+        except TimeoutError:
+            if started.is_set():          # decoding: bounded by its own limits (scans, memory, fetch deadline)
+                return await future
+            future.cancel()
+            raise busy("queue_timeout", limit=s.request_timeout) from None
+    finally:
+        srv.decoding -= 1
 
 
 def prompt_ids(srv: Server, turns: list[dict], n_images: int, param: str) -> list[int]:

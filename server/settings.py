@@ -3,6 +3,7 @@ which wins over the defaults."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,8 +79,9 @@ class Settings:
                 raise UserError(f"{key} 必须是正整数（现在是 {getattr(self, key)}）。")
         if self.max_queue < 0 or self.threads < 0:
             raise UserError("max_queue 和 threads 不能为负数。")
-        if not self.request_timeout > 0 or not self.max_upload_mb > 0:
-            raise UserError("request_timeout 和 max_upload_mb 必须大于 0。")
+        if not 0 < self.request_timeout < math.inf or not 0 < self.max_upload_mb < math.inf:
+            raise UserError("request_timeout 和 max_upload_mb 必须是大于 0 的有限数字"
+                            f"（现在是 {self.request_timeout} 和 {self.max_upload_mb}）。")
         return self
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -14,6 +15,7 @@ from server.errors import busy
 from server.settings import DTYPES, Settings
 
 log = logging.getLogger("serve")
+DECODE_WORKERS = 2
 
 
 def load_model(settings: Settings, obj: dict | None):
@@ -35,6 +37,11 @@ class Server:
         self.settings, self.obj = settings, obj
         self.model = self.tok = self.engine = self.loop = None
         self.meta, self.ready, self.failed = {}, False, False
+        # Images decode here, never in the event loop's default pool: DECODE_WORKERS decodes at
+        # once bound their memory (each within uploads.DECODE_BYTES) and CPU; `decoding` counts
+        # the requests waiting for or in it (runner.decode admits at most max_batch + max_queue).
+        self.decoder = ThreadPoolExecutor(DECODE_WORKERS, thread_name_prefix="decode")
+        self.decoding = 0
         self.on_fatal = lambda: os._exit(2)
 
     def load(self):

@@ -58,7 +58,7 @@ def test_weights_that_do_not_fit_the_config_are_refused(tiny, tok, tmp_path):
         load_checkpoint(path)
 
 
-@pytest.mark.parametrize("kind", ["jpeg", "random", "version"])
+@pytest.mark.parametrize("kind", ["jpeg", "random", "version", "symlink"])
 def test_a_file_that_is_not_ours_is_named_for_what_it_is(tiny, tok, tmp_path, kind):
     """A JPEG renamed to .pt or random bytes is 'not a PyTorch file', not 'unsafe code'; a
     non-integer version is a clear line, not a TypeError."""
@@ -71,6 +71,9 @@ def test_a_file_that_is_not_ours_is_named_for_what_it_is(tiny, tok, tmp_path, ki
         path.write_bytes(buf.getvalue())
     elif kind == "random":
         path.write_bytes(bytes(range(256)) * 4)
+    elif kind == "symlink":                               # a link to a text file
+        (tmp_path / "notes.txt").write_text("模型在另一台机器上\n")
+        path.symlink_to(tmp_path / "notes.txt")
     else:
         save_checkpoint(path, tiny, tok)
         obj = torch.load(path, weights_only=True)
@@ -80,3 +83,18 @@ def test_a_file_that_is_not_ours_is_named_for_what_it_is(tiny, tok, tmp_path, ki
     msg = str(e.value)
     assert "不安全" not in msg and str(path) in msg and len(msg.splitlines()) == 1
     assert ("版本号" in msg) if kind == "version" else ("不是 PyTorch 文件" in msg)
+
+
+@pytest.mark.parametrize("key, value", [("lm_max_len", 10 ** 12), ("lm_layers", 10 ** 6), ("lm_dim", "256"),
+                                        ("lm_vocab_size", 0), ("lm_rope_theta", float("nan"))])
+def test_a_config_out_of_sane_bounds_is_refused_before_allocating(tiny, tok, tmp_path, key, value):
+    """A checkpoint's config alone must not make start-up allocate terabytes (a 10^12 context)."""
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, tiny, tok)
+    obj = torch.load(path, weights_only=True)
+    obj["config"][key] = value
+    torch.save(obj, path)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert key in msg and str(path) in msg and len(msg.splitlines()) == 1, msg

@@ -2,7 +2,10 @@
 gets a 4xx with the JSON error shape, none a 5xx, and the server stays ready afterwards."""
 import base64
 import io
+import json
+import socket
 import struct
+import time
 import zlib
 
 import httpx
@@ -19,10 +22,10 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def png_claiming(width: int, height: int) -> bytes:
-    """8x8 pixels of data behind a header that says width x height."""
+def png_claiming(width: int, height: int, colour: int = 0) -> bytes:
+    """8x8 pixels of data behind a header that says width x height (colour 6: RGBA)."""
     rows = b"".join(b"\0" + b"\0" * 8 for _ in range(8))
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0))
             + png_chunk(b"IDAT", zlib.compress(rows)) + png_chunk(b"IEND", b""))
 
 
@@ -90,6 +93,8 @@ CATALOGUE = [  # (id, method, path, request kwargs, expected status, expected co
     ("truncated-png", "POST", MP, lambda: form(PNG[:len(PNG) // 2]), 400, "image_broken"),
     ("truncated-jpeg", "POST", MP, lambda: form(NOISY[:len(NOISY) // 3]), 400, "image_broken"),
     ("png-header-20000x20000", "POST", MP, lambda: form(png_claiming(20000, 20000)), 400, "image_pixels"),
+    ("png-rgba-6300x6300-memory", "POST", MP, lambda: form(png_claiming(6300, 6300, colour=6)), 400, "image_memory"),
+    ("jpeg-with-100-scans", "POST", MP, lambda: form(NOISY + b"\xff\xda\0\x08" * 100, "a.jpg"), 400, "image_scans"),
     ("png-bomb-20000x20000", "POST", MP, lambda: form(png_bomb()), 400, "image_pixels"),
     ("upload-over-limit", "POST", MP, lambda: form(b"\0" * (21 * 2 ** 20)), 413, "body_too_large"),
     ("postscript-as-image", "POST", MP, lambda: form(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n"), 400, "image_unreadable"),
@@ -121,13 +126,16 @@ CATALOGUE = [  # (id, method, path, request kwargs, expected status, expected co
     ("temperature-negative", "POST", GEN, lambda: gen(temperature=-0.5), 400, "range"),
     ("top-k-huge", "POST", GEN, lambda: gen(top_k=10 ** 30), 400, "range"),
     ("seed-negative", "POST", GEN, lambda: gen(seed=-5), 400, "range"),
-    ("prompt-1mb", "POST", GEN, lambda: gen(prompt="图" * 2 ** 20), 400, "prompt_chars"),
+    ("prompt-1mb", "POST", GEN, lambda: gen(prompt="图" * 2 ** 20), 413, "text_too_large"),     # 3 MB of text
+    ("prompt-5000-chars", "POST", GEN, lambda: gen(prompt="图" * 5000), 400, "prompt_chars"),
     ("prompt-number", "POST", GEN, lambda: gen(prompt=42), 400, "type"),
     ("prompt-object", "POST", GEN, lambda: gen(prompt={"text": "x"}), 400, "type"),
     ("prompt-null", "POST", GEN, lambda: gen(prompt=None), 400, "missing"),
     ("extra-json-field", "POST", GEN, lambda: gen(max_tokens=5), 400, "unknown_field"),
     ("invalid-utf8-body", "POST", GEN, lambda: raw_json(b'{"prompt": "\xff\xfe"}'), 400, "json"),
     ("lone-surrogate-prompt", "POST", GEN, lambda: raw_json('{"prompt": "\\ud800 x"}'), 400, "encoding"),
+    ("lone-surrogate-unknown-key", "POST", GEN, lambda: raw_json('{"prompt": "x", "\\ud800": 1}'), 400, "encoding"),
+    ("temperature-400-digits", "POST", GEN, lambda: raw_json('{"prompt": "x", "temperature": ' + "9" * 400 + "}"), 400, "range"),
     ("deeply-nested-json", "POST", GEN, lambda: raw_json("[" * 100_000 + "]" * 100_000), 400, "json"),
     ("deeply-nested-field", "POST", GEN, lambda: raw_json('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"), 400, "json"),
     ("json-array-body", "POST", GEN, lambda: raw_json("[1, 2]"), 400, "json"),
@@ -140,6 +148,8 @@ CATALOGUE = [  # (id, method, path, request kwargs, expected status, expected co
     ("remote-url", "POST", GEN, lambda: gen(image="http://169.254.169.254/latest/meta-data"), 400, "remote_disabled"),
     ("image-number", "POST", GEN, lambda: gen(image=123), 400, "type"),
     ("text-plain", "POST", GEN, lambda: raw_json(b'{"prompt": "x"}', "text/plain"), 415, "content_type"),
+    ("json-patch-media-type", "POST", GEN, lambda: raw_json(b'{"prompt": "x"}', "application/json-patch+json"), 415, "content_type"),
+    ("duplicate-form-field", "POST", MP, lambda: raw_form([("prompt", b"a", None), ("prompt", b"b", None)]), 400, "duplicate_field"),
     ("form-urlencoded", "POST", GEN, lambda: raw_json(b"prompt=x", "application/x-www-form-urlencoded"), 415, "content_type"),
     # chat
     ("messages-string", "POST", CHAT, lambda: dict(json={"messages": "hi"}), 400, "type"),
@@ -151,10 +161,22 @@ CATALOGUE = [  # (id, method, path, request kwargs, expected status, expected co
     ("gopher-url", "POST", CHAT, lambda: chat([image_part("gopher://127.0.0.1:70/x")]), 400, "image_url"),
     ("remote-url-chat", "POST", CHAT, lambda: chat([image_part("https://example.com/a.png")]), 400, "remote_disabled"),
     ("five-images-chat", "POST", CHAT, lambda: chat([image_part(data_url(PNG))] * 5), 400, "too_many_images"),
+    ("lone-surrogate-role", "POST", CHAT, lambda: raw_json('{"messages": [{"role": "\\ud800", "content": "x"}]}'), 400, "encoding"),
+    ("lone-surrogate-part-type", "POST", CHAT, lambda: raw_json('{"messages": [{"role": "user", "content": [{"type": "\\ud800"}]}]}'),
+     400, "part"),
+    ("top-p-400-digits", "POST", CHAT, lambda: raw_json('{"messages": [{"role": "user", "content": "x"}], "top_p": -' + "9" * 400 + "}"),
+     400, "range"),
+    ("chat-2mb-of-structure", "POST", CHAT, lambda: raw_json('{"messages": [{"role": "user", "content": "x"}], "junk": ['
+                                                             + "{}," * 700_000 + "{}]}"), 413, "text_too_large"),
     ("max-tokens-1e9-chat", "POST", CHAT, lambda: chat("hi", max_tokens=10 ** 9), 400, "range"),
     ("temperature-string-chat", "POST", CHAT, lambda: chat("hi", temperature="hot"), 400, "type"),
     # routing
     ("unknown-path", "GET", "/v1/../../etc/passwd", lambda: {}, 404, "not_found"),
+    ("trailing-slash-other-host", "POST", GEN + "/", lambda: dict(json={"prompt": "x"}, headers={"host": "evil.example"}),
+     404, "not_found"),
+    ("docs-page-from-cdn", "GET", "/docs", lambda: {}, 404, "not_found"),
+    ("cors-refused-origin", "OPTIONS", GEN, lambda: dict(headers={"origin": "http://evil.example",
+                                                               "access-control-request-method": "POST"}), 400, "cors"),
     ("wrong-method", "DELETE", GEN, lambda: {}, 405, "method"),
 ]
 
@@ -224,3 +246,70 @@ def test_form_utf8_chinese_and_emoji_unchanged(servers):
                                                                    ("max_new_tokens", b"4", None)]))
         assert r.status_code == 200, r.text
         assert r.json()["text"] == ref.json()["text"] and r.json()["usage"] == ref.json()["usage"], (r.json(), ref.json())
+
+
+def raw_exchange(base: str, request: bytes, timeout=30) -> tuple[bytes, dict]:
+    """Send bytes on a raw socket; (the status line, the JSON body) of the answer."""
+    with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=timeout) as s:
+        s.sendall(request)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], json.loads(body or b"{}")
+
+
+def test_body_announced_longer_than_sent_times_out(servers):
+    """Content-Length 1000 with 10 bytes sent used to hold the connection forever: now 408 in our
+    shape once the body's time limit (the least, 5 s, on the tight server) has passed."""
+    start = time.monotonic()
+    status, body = raw_exchange(servers.tight, b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\":")
+    assert status.startswith(b"HTTP/1.1 408") and body["error"]["code"] == "body_timeout", (status, body)
+    assert 4 < time.monotonic() - start < 25
+    assert httpx.get(servers.tight + "/health", timeout=30).status_code == 200
+
+
+def test_transfer_encoding_other_than_chunked_is_refused(servers):
+    """`Transfer-Encoding: gzip, chunked` was accepted with the gzip ignored: now a 400 in our
+    shape, sent on a raw socket (no client library sends it)."""
+    status, body = raw_exchange(servers.base, b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                                b"application/json\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400") and body["error"]["code"] == "transfer_encoding", (status, body)
+    assert httpx.get(servers.base + "/health", timeout=30).status_code == 200
+
+
+def test_request_headers_are_bounded_in_size_count_and_time(servers):
+    """An 8 MB header, 20,000 headers and headers sent a byte a second were all accepted: now
+    431 past 64 KB (exactly 64 KB + 1 sent, so the server has read all of it before it closes)
+    or 100 lines, and 408 when they are not complete 10 s after the connection opened."""
+    from server.connection import HEADER_SECONDS, MAX_HEADER_BYTES
+    head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "
+    status, body = raw_exchange(servers.base, head + b"a" * (MAX_HEADER_BYTES + 1 - len(head)))
+    assert status.startswith(b"HTTP/1.1 431") and body["error"]["code"] == "header_too_large", (status, body)
+    many = b"".join(b"X-%d: 1\r\n" % i for i in range(150))
+    status, body = raw_exchange(servers.base, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + many + b"\r\n")
+    assert status.startswith(b"HTTP/1.1 431") and body["error"]["code"] == "header_too_large", (status, body)
+    start = time.monotonic()
+    status, body = raw_exchange(servers.base, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n", timeout=HEADER_SECONDS + 30)
+    assert status.startswith(b"HTTP/1.1 408") and body["error"]["code"] == "header_timeout", (status, body)
+    assert HEADER_SECONDS - 1 < time.monotonic() - start < HEADER_SECONDS + 20
+    assert httpx.get(servers.base + "/health", timeout=30).status_code == 200
+
+
+def test_aborted_upload_logs_no_traceback(servers):
+    """A client that announces 1000 bytes, sends 10 and hangs up: no traceback in the log."""
+    log = servers.dir / "main.log"
+    start = log.stat().st_size
+    port = int(servers.base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"prompt\":")
+        time.sleep(0.3)
+    assert httpx.get(servers.base + "/health", timeout=30).status_code == 200
+    time.sleep(0.5)
+    written = log.read_bytes()[start:].decode(errors="replace")
+    assert "Traceback" not in written and "request failed" not in written, written[-3000:]

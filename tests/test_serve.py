@@ -1,5 +1,6 @@
 """serve.py as users reach it: a real uvicorn process on 127.0.0.1 (see serve_helpers.py)."""
 import base64
+import http.server
 import io
 import json
 import os
@@ -312,6 +313,50 @@ def test_remote_image_when_enabled(servers):
     assert r.json()["usage"]["prompt_tokens"] > 16
 
 
+class Hostile(http.server.BaseHTTPRequestHandler):
+    """A remote-image target that trickles, redirects where it must not, or says secrets."""
+
+    def do_GET(self):
+        if self.path == "/trickle":                  # a byte every 0.2 s: no single read times out
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            try:
+                for _ in range(150):
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
+            return
+        targets = {"/to-ftp": "ftp://127.0.0.1/a.png", "/to-loopback": f"http://127.0.0.1:{self.server.server_port}/banner"}
+        self.send_response(302 if self.path in targets else 500)
+        self.send_header("Location", targets.get(self.path, ""))
+        self.end_headers()
+        self.wfile.write(b"SECRET-BANNER of the service on this port")
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.mark.parametrize("path", ["/trickle", "/to-ftp", "/to-loopback", "/banner"])
+def test_remote_image_fetch_is_bounded_and_says_nothing_of_the_target(servers, path):
+    """A trickling target (a byte every 0.2 s, no read ever times out) is given up at the 10 s
+    deadline; no redirect to ftp:// or to loopback is followed; nothing the target said is repeated."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_port}{path}"
+    try:
+        start = time.monotonic()
+        r = httpx.post(servers.tight + "/v1/generate", timeout=60, json={"prompt": "x", "max_new_tokens": 2, "image": url})
+        took = time.monotonic() - start
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert r.status_code == 400 and r.json()["error"]["code"] == "remote_failed", r.text
+    assert "SECRET" not in r.text and "ftp" not in r.text and took < 30, (r.text, took)
+
+
 def test_cors_allows_the_page_origin(servers):
     r = httpx.options(servers.base + "/v1/generate-multipart", timeout=10, headers={
         "Origin": servers.web, "Access-Control-Request-Method": "POST"})
@@ -319,6 +364,31 @@ def test_cors_allows_the_page_origin(servers):
     other = httpx.options(servers.base + "/v1/generate-multipart", timeout=10, headers={
         "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in other.headers
+    assert other.status_code == 400 and other.json()["error"]["code"] == "cors", other.text
+
+
+def test_big_image_passes_the_text_limit(servers):
+    """Past 1 MB a JSON body must be base64: a 2 MB data URL image still gets its answer."""
+    noise = Image.frombytes("RGB", (800, 800), os.urandom(800 * 800 * 3))
+    buf = io.BytesIO()
+    noise.save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    assert len(url) > 2 ** 21
+    r = httpx.post(servers.base + "/v1/chat/completions", timeout=60, json={"max_tokens": 2, "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "描述"}]}]})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+
+
+def test_media_types_are_case_insensitive(servers):
+    """`Application/JSON; charset=UTF-8` is JSON (was 415); the match is exact, not a prefix."""
+    r = httpx.post(servers.base + "/v1/generate", timeout=60, content=json.dumps({"prompt": "x", "max_new_tokens": 2}),
+                   headers={"content-type": "Application/JSON; charset=UTF-8"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+    form = (b'--XyZ\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n--XyZ\r\nContent-Disposition: '
+            b'form-data; name="max_new_tokens"\r\n\r\n2\r\n--XyZ--\r\n')
+    r = httpx.post(servers.base + "/v1/generate-multipart", timeout=60, content=form,
+                   headers={"content-type": "Multipart/Form-Data; boundary=XyZ"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
 
 
 def test_bad_checkpoint_stops_startup_with_one_message(tmp_path):
@@ -352,6 +422,17 @@ def test_flags_win_over_environment_which_wins_over_defaults(monkeypatch):
     monkeypatch.setenv("SERVE_PORT", "eighty")
     with pytest.raises(serve.UserError, match="SERVE_PORT"):
         serve.settings_from(serve.build_parser().parse_args([]))
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0"])
+def test_upload_limit_must_be_a_finite_positive_number(monkeypatch, capsys, value):
+    """SERVE_MAX_UPLOAD_MB=inf used to pass, then every request (even /health) was a 500."""
+    import serve
+    monkeypatch.setenv("SERVE_MAX_UPLOAD_MB", value)
+    with pytest.raises(SystemExit) as e:
+        serve.main(["--port", str(free_port())])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("错误：") and "max_upload_mb" in lines[0], lines
 
 
 def test_request_models_check_what_the_schema_documents():
