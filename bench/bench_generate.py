@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import (BENCH_SIZES, PRECISIONS, autocast, build_pair, emit, matmul_peak, peak_mib,  # noqa: E402
+from bench_train import (BENCH_SIZES, PRECISIONS, autocast, build_pair, common_flags, emit, matmul_peak, peak_mib,  # noqa: E402
                          sync, train_flops_per_sample)
 from model import VLMConfig  # noqa: E402
 
@@ -185,9 +185,7 @@ def main(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="要测的批次大小 (默认: 1 8)")
     p.add_argument("--new-tokens", type=int, default=32, help="每行生成的新 token 数 (默认: 32)")
     p.add_argument("--rounds", type=int, default=5, help="交替测量的轮数，取中位数 (默认: 5)")
-    p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="两者共用的精度 (默认: fp32)")
-    p.add_argument("--device", default="cpu", help="设备 (默认: cpu)")
-    p.add_argument("--threads", type=int, default=0, help="CPU 线程数，0 = torch 默认")
+    common_flags(p)
     p.add_argument("--json", action="store_true", help="只输出 JSON")
     p.add_argument("--out", help="另把结果存成 JSON 文件")
     p.add_argument("--no-memory", action="store_true", help="不测峰值内存（省去每个 batch 两个子进程）")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -315,9 +314,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32, help="批次大小 (默认: 32)")
     p.add_argument("--steps", type=int, default=5, help="每轮计时的训练步数 (默认: 5)")
     p.add_argument("--rounds", type=int, default=3, help="交替测量的轮数，取中位数 (默认: 3)")
-    p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="两者共用的精度 (默认: fp32)")
-    p.add_argument("--device", default="cpu", help="设备 (默认: cpu)")
-    p.add_argument("--threads", type=int, default=0, help="CPU 线程数，0 = torch 默认")
+    common_flags(p)
     p.add_argument("--no-memory", action="store_true", help="不测峰值内存（省去两个子进程）")
     p.add_argument("--compile", action="store_true", help="另测 torch.compile 后的本项目模型")
     p.add_argument("--hf-compile", action="store_true", help="另测 torch.compile 后的 transformers 模型")
@@ -330,6 +327,13 @@ def main(argv=None):
         print(json.dumps({"peak_mib": peak}))
         return
     emit(run(args), args, report)
+
+
+def common_flags(p: argparse.ArgumentParser):
+    """Flags every side-by-side bench takes (precision, device, threads)."""
+    p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="两者共用的精度 (默认: fp32)")
+    p.add_argument("--device", default="cpu", help="设备 (默认: cpu)")
+    p.add_argument("--threads", type=int, default=0, help="CPU 线程数，0 = torch 默认")
 
 
 def emit(r: dict, args, report):
