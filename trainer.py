@@ -202,7 +202,7 @@ class Trainer:
     def prepare_output(self):
         """Before the first step: a fresh run may not replace another run's model (--overwrite)
         and starts a fresh log; the output must have room for a resume save."""
-        fresh = not self.cfg.resume
+        fresh = not self.cfg.resume and self.step == 0      # not continuing a loaded resume state
         if fresh:
             claim_output(self.cfg.output, self.meta, self.cfg.overwrite)
         check_writable(self.cfg.output, self.resume_bytes())
