@@ -38,7 +38,7 @@ class ImagePolicy:
 
 class BadImage(Exception):
     """An image that cannot be used. str(e) is a short Chinese reason; `code` says which rule
-    refused it (missing, empty, unreadable, pixels, broken) and `info` its figures."""
+    refused it (missing, empty, unreadable, pixels, broken, memory, scans) and `info` its figures."""
 
     def __init__(self, reason: str, code: str = "unreadable", **info):
         super().__init__(reason)

@@ -88,7 +88,7 @@ def main(argv=None):
         width, height = (int(v) for v in a.photo.lower().split("x"))
         make_images(folder, a.images, width=width, height=height)
     rows = folders.load_local(str(folder))
-    paths = [r for r in rows.refs if isinstance(r, str)]
+    paths = [r.path for r in rows.refs if r.path]
     data = captions.CaptionSet(rows, a.size)
     tok = Tokenizer.train([c for cs in rows.captions for c in cs] + captions.PROMPTS, 400)
     cfg = VLMConfig(vit_image_size=a.size, vit_patch_size=16 if a.size % 16 == 0 else a.size, lm_max_len=4096)
@@ -111,7 +111,7 @@ def main(argv=None):
     print(f"{len(paths)} 张 {w}×{h} JPEG → {a.size}×{a.size}，{a.rounds} 轮交替取中位数；"
           f"CPU {os.cpu_count()} 核，torch {torch.get_num_threads()} 线程，loader {workers} 个 worker，批次 {a.batch_size}")
     print("| 路径 | 图片/s | 相对朴素循环 |\n| --- | ---: | ---: |")
-    labels = {"plain": "朴素 PIL 打开+缩放", "decode": "decode_image（draft 解码）",
+    labels = {"plain": "朴素 PIL 打开+缩放", "decode": "images.decode（draft 解码）",
               "loader": "训练输入（DataLoader + Collator）"}
     for k in ("plain", "decode", "loader"):
         print(f"| {labels[k]} | {rate[k]:.0f} | {rate[k] / rate['plain']:.2f}× |")

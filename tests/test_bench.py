@@ -48,3 +48,13 @@ def test_gpu_check_script_runs_its_code_paths_on_the_cpu(tmp_path):
     assert json.loads((tmp_path / "gpu_train.json").read_text())["speedup"]["ours"] > 0
     assert json.loads((tmp_path / "gpu_generate.json").read_text())["results"][0]["same_tokens"] is True
     assert "用时" in (tmp_path / "gpu.log").read_text()
+
+
+def test_pipeline_bench_measures_its_three_paths():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_pipeline.py"), "--threads", "1", "--images", "8",
+                          "--photo", "64x48", "--rounds", "1", "--workers", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("8 张 64×48 JPEG")
+    rows = [l for l in out.stdout.splitlines() if l.startswith("| ") and "图片/s" not in l and "---" not in l]
+    assert len(rows) == 3 and all(float(l.split("|")[2]) > 0 for l in rows), out.stdout

@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 
 from collate import Collator
-from model import VLM, VLMConfig, positions_and_mask, sample
+from model import VLMConfig, positions_and_mask, sample
 from conftest import tiny_config
 
 
