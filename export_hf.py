@@ -17,15 +17,12 @@ import torch
 from checkpoint import load_checkpoint
 from errors import ArgumentParser, UserError, cli
 from model import VLM
-from tokenizer import ASSISTANT, BOS, EOS, IMAGE, PAD, USER, Tokenizer
+from tokenizer import ASSISTANT, BOS, EOS, IMAGE, PAD, USER, Tokenizer, with_content_lists
 
-# The built-in chat template (tokenizer.py) in Jinja; content may be a string with <image>
-# markers or a list of {"type": "image"} / {"type": "text", "text": ...} parts.
-BUILTIN_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['content'] is string %}{% set text = m['content'] %}{% else %}{% set text = namespace(s='') %}"
-    "{% for part in m['content'] %}{% if part['type'] == 'image' %}{% set text.s = text.s + '<image>' %}"
-    "{% else %}{% set text.s = text.s + part['text'] %}{% endif %}{% endfor %}{% set text = text.s %}{% endif %}"
+# The built-in chat template (tokenizer.py) in Jinja, behind the prelude that turns content lists
+# ({"type": "image"} / {"type": "text"} parts) into <image> markers and text.
+BUILTIN_TEMPLATE = with_content_lists(
+    "{{ bos_token }}{% for m in messages %}{% set text = m['content'] %}"
     "{% set n = text.count('<image>') %}{% if m['role'] == 'user' and not text.startswith('<image>' * n) %}"
     "{% set text = '<image>' * n + (text.split('<image>') | map('trim') | select | join(' ')) %}{% endif %}"
     "{% if m['role'] == 'user' %}<|user|>{{ text }}{% else %}<|assistant|>{{ text }}{{ eos_token }}{% endif %}"
@@ -85,12 +82,17 @@ def to_llava(model: VLM, tok):
     return llava, processor
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def build_parser():
     p = ArgumentParser(description="把训练好的检查点导出为 transformers 的 LLaVA 格式"
                                             "（LlavaForConditionalGeneration + AutoProcessor 可直接加载）。")
     p.add_argument("--checkpoint", default="checkpoints/vision_trained_model.pt",
                    help="要导出的检查点 (默认: checkpoints/vision_trained_model.pt)")
     p.add_argument("--output", required=True, help="输出文件夹（不存在会自动创建）")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                   help="保存权重的精度 (默认: fp32)；bf16 文件小一半，GPU 上用 vLLM/SGLang 部署时推荐")
     return p
 
 
@@ -102,6 +104,7 @@ def main(argv=None):
         raise UserError(f"输出位置 {out} 已存在且不是空文件夹。请换一个 --output，或先删除它。")
     model, tok, _ = load_checkpoint(a.checkpoint)
     llava, processor = to_llava(model, tok)
+    llava.to(DTYPES[a.dtype])
     try:
         llava.save_pretrained(out)
         processor.save_pretrained(out)

@@ -118,8 +118,7 @@ class ChatTemplateTokenizer:
 
     def __init__(self, hf):
         self.hf = hf
-        if hf.chat_template is None:
-            hf.chat_template = FALLBACK_TEMPLATE
+        hf.chat_template = with_content_lists(hf.chat_template or FALLBACK_TEMPLATE)
         self.image_id = hf.convert_tokens_to_ids(IMAGE)
         if self.image_id is None or self.image_id == hf.unk_token_id:
             raise ValueError(f"tokenizer lacks the {IMAGE} token")
@@ -207,6 +206,26 @@ class ChatTemplateTokenizer:
             out_ids += [t] * n
             out_labels += [l if t != self.image_id else -100] * n
         return out_ids, out_labels
+
+
+# Put in front of a chat template so it also reads OpenAI/transformers-style content lists:
+# {"type": "image"} (or "image_url") parts become <image>, text parts their text, joined in order
+# (how server/protocol.py turns an OpenAI message into a turn). String contents pass unchanged, so
+# a template behind this prelude renders every string conversation exactly as before; exported
+# processors and vLLM then render [{"type": "image"}, {"type": "text", ...}] as we trained.
+CONTENT_LISTS = (
+    "{#- content lists -#}{%- set _mm = namespace(out=[]) -%}{%- for m in messages -%}"
+    "{%- if m['content'] is string or m['content'] is none -%}{%- set _mm.out = _mm.out + [m] -%}"
+    "{%- else -%}{%- set _t = namespace(s='') -%}{%- for part in m['content'] -%}"
+    "{%- if part['type'] in ('image', 'image_url') -%}{%- set _t.s = _t.s + '<image>' -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set _t.s = _t.s + part['text'] -%}{%- endif -%}{%- endfor -%}"
+    "{%- set _mm.out = _mm.out + [{'role': m['role'], 'content': _t.s}] -%}{%- endif -%}{%- endfor -%}"
+    "{%- set messages = _mm.out -%}")
+
+
+def with_content_lists(template: str) -> str:
+    """The template behind the CONTENT_LISTS prelude (once)."""
+    return template if template.startswith(CONTENT_LISTS) else CONTENT_LISTS + template
 
 
 # For base models that ship without a chat template.

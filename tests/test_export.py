@@ -149,3 +149,45 @@ def test_exported_template_puts_images_first_like_ours(tok):
         plain = content if isinstance(content, str) else "".join(p.get("text", "<image>") for p in content)
         ours, _ = tok.encode_chat([{"role": "user", "content": plain}], 1, n, add_generation_prompt=True)
         assert hf(text, add_special_tokens=False)["input_ids"] == ours, (content, text)
+
+
+@pytest.mark.parametrize("kind", ["clip+llama-without-template", "siglip+qwen2"])
+def test_transformers_multimodal_chat_call_works_on_hf_llm_exports(kind, tmp_path):
+    """processor.apply_chat_template with content lists (transformers' and vLLM's standard call)
+    renders <image> inside the LLM's own template (or our fallback), and greedy tokens equal ours."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    if kind == "siglip+qwen2":
+        parts = tiny_hf.save_siglip(tmp_path / "v"), tiny_hf.save_qwen2(tmp_path / "l")
+    else:
+        parts = tiny_hf.save_clip(tmp_path / "v"), tiny_hf.save_llama(tmp_path / "l", template=False)
+    model, tok = backbones.build_vlm(*map(str, parts))
+    save_checkpoint(tmp_path / "m.pt", perturbed(model), tok, {"weights": "delta"})
+    export_hf.main(["--checkpoint", str(tmp_path / "m.pt"), "--output", str(tmp_path / "hf")])
+    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    model, tok, _ = load_checkpoint(tmp_path / "m.pt")
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "描述这张图片。"}]}],
+        add_generation_prompt=True)
+    assert "[{" not in text and text.count("<image>") == 1
+    assert compare(model, tok, llava, processor, text) < 1e-4
+    # several images and turns: the processor's ids equal what training encodes
+    chat = [{"role": "user", "content": [{"type": "text", "text": "左边"}, {"type": "image"}, {"type": "image"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "a red circle"}]},
+            {"role": "user", "content": "What is in the picture?"}]
+    rendered = processor.apply_chat_template(chat, add_generation_prompt=True)
+    theirs = processor(images=[picture(32)] * 2, text=rendered, return_tensors="pt")["input_ids"][0].tolist()
+    plain = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
+              "".join(p.get("text", "<image>") for p in m["content"])} for m in chat]
+    assert theirs == tok.encode_chat(plain, model.cfg.image_tokens, 2, add_generation_prompt=True)[0]
+
+
+def test_export_in_bf16_writes_half_size_safetensors(tok, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+    save_checkpoint(tmp_path / "m.pt", *builtin_model(tok))
+    for dtype in ("fp32", "bf16"):
+        export_hf.main(["--checkpoint", str(tmp_path / "m.pt"), "--output", str(tmp_path / dtype), "--dtype", dtype])
+    size = {d: sum(f.stat().st_size for f in (tmp_path / d).glob("*.safetensors")) for d in ("fp32", "bf16")}
+    assert size["fp32"] > 0 and abs(size["bf16"] / size["fp32"] - 0.5) < 0.02
+    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "bf16")
+    assert llava.dtype == torch.bfloat16
