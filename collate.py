@@ -1,8 +1,12 @@
 """From samples to tensors: image tensors (images.py), chat tokenisation and padding.
 
-A sample is {"image": PIL.Image | None, "messages": [...], ...extra tensors}. Training batches
-are right-padded (loss masks hide the pad); generation batches are left-padded with an
-attention mask so every row's last token sits at the same column.
+A sample is {"images": [PIL.Image, ...], "messages": [...], ...extra tensors}, with one `<image>`
+marker per image in its user turns (or none: the images then go in front of the first user turn);
+the older {"image": PIL.Image | None} form means a list of one or none. Training batches are
+right-padded (loss masks hide the pad); generation batches are left-padded with an attention
+mask so every row's last token sits at the same column. A batch's pixels are every image of
+every sample, in sample order and then image order: the order of the `<image>` runs in the
+flattened batch, which is how VLM.embed splices them.
 """
 from __future__ import annotations
 
@@ -23,19 +27,22 @@ class Collator:
         self.max_len = max_len or cfg.lm_max_len
 
     def encode(self, sample):
-        n_images = 0 if sample.get("image") is None else 1
         messages = sample["messages"]
         if not self.train and messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
-        ids, labels = self.tok.encode_chat(messages, self.cfg.image_tokens, n_images,
+        ids, labels = self.tok.encode_chat(messages, self.cfg.image_tokens, len(images_of(sample)),
                                            add_generation_prompt=not self.train)
         if len(ids) > self.max_len:
-            first_label = next((i for i, l in enumerate(labels) if l != -100), len(ids))
-            if not self.train or first_label >= self.max_len:
-                # never cut into the prompt or the image tokens: the splice would no longer match
+            if not self.train or not self.cuttable(ids, labels):
                 raise ValueError(f"prompt too long: {len(ids)} tokens > limit {self.max_len}")
-            ids, labels = ids[:self.max_len], labels[:self.max_len]   # shorten the answer only
+            ids, labels = ids[:self.max_len], labels[:self.max_len]
         return ids, labels
+
+    def cuttable(self, ids, labels) -> bool:
+        """Whether cutting at max_len keeps every image token (a later turn may still hold an
+        image: the splice needs all of them) and at least one supervised token."""
+        after_images = max((i + 1 for i, t in enumerate(ids) if t == self.cfg.image_token_id), default=0)
+        return after_images <= self.max_len and any(l != -100 for l in labels[:self.max_len])
 
     def __call__(self, samples):
         encoded = [self.encode(s) for s in samples]
@@ -49,13 +56,19 @@ class Collator:
             input_ids[b, sl] = torch.tensor(ids)
             labels[b, sl] = torch.tensor(lab)
             attention_mask[b, sl] = 1
-        images = [to_tensor(s["image"], self.cfg)
-                  for s in samples if s.get("image") is not None]
+        images = [to_tensor(img, self.cfg) for s in samples for img in images_of(s)]
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "pixels": torch.stack(images) if images else None}
         if self.train:
             batch["labels"] = labels
         for key in samples[0]:
-            if key not in ("image", "messages") and isinstance(samples[0][key], torch.Tensor):
+            if key not in ("image", "images", "messages") and isinstance(samples[0][key], torch.Tensor):
                 batch[key] = torch.stack([s[key] for s in samples])
         return batch
+
+
+def images_of(sample) -> list:
+    """A sample's images in order: its "images" list, else its one "image" (or none)."""
+    if "images" in sample:
+        return list(sample["images"])
+    return [] if sample.get("image") is None else [sample["image"]]
