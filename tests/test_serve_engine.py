@@ -99,6 +99,33 @@ def test_batched_equals_one_at_a_time(model, tok):
     assert stats["mean_batch"] > 1.0                   # rows really shared decode steps
 
 
+def test_jobs_with_several_images_share_one_prefill(model, tok):
+    """Jobs holding 0, 1, 2 and 3 images (one with an image in an earlier turn of its history)
+    prefill together, and one more comes later: each answer equals generate() on it alone."""
+    stop = {tok.eos_id, tok.user_id}
+    turns = lambda *texts: [{"role": r, "content": t} for r, t in zip(("user", "assistant") * 3, texts)]
+    specs = [(turns("描述这张图片"), 0), (turns("左上角是什么颜色"), 1), (turns("哪张图里有圆形？"), 2),
+             (turns("<image>图里有什么？", "一个红色的圆形。", "<image>这张呢？<image>"), 3), (turns("红色"), 2)]
+    jobs_in = [(tok.encode_chat(m, model.cfg.image_tokens, k, add_generation_prompt=True)[0],
+                torch.cat([image(model, i + j) for j in range(k)]) if k else None) for i, (m, k) in enumerate(specs)]
+    expected = [reference(model, ids, px, 20, stop) for ids, px in jobs_in]
+    sink = Collect()
+    engine = Engine(model, stop, max_batch=8, publish=sink)
+    jobs = [Job(ids, px, max_new_tokens=20) for ids, px in jobs_in]
+    for j in jobs[:4]:                                 # engine not started: these four prefill as one batch
+        engine.submit(j)
+    engine.start()
+    try:
+        with sink.cv:
+            sink.cv.wait_for(lambda: engine.snapshot().get("steps", 0) > 0, timeout=30)
+        engine.submit(jobs[4])
+        sink.wait(jobs)
+    finally:
+        engine.close()
+    assert [j.tokens for j in jobs] == expected and all(expected)
+    assert len({j.t_start for j in jobs[:4]}) == 1 and jobs[4].t_start > jobs[0].t_start
+
+
 def test_sampling_is_reproducible_per_seed(model, tok):
     ids = prompt(tok, model, "描述这张图片")
     sink = Collect()
