@@ -8,7 +8,7 @@ import json
 
 from fastapi import Request
 from starlette.requests import ClientDisconnect
-from starlette.formparsers import MultiPartParser, parse_options_header
+from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
 
 from server.errors import ApiError
 
@@ -62,8 +62,17 @@ def is_utf8(charset: str) -> bool:
 
 
 class Utf8FormParser(MultiPartParser):
-    """Starlette's multipart parser, except that a text field must be UTF-8. Starlette would decode
-    invalid bytes (or a field declared charset=gbk) as Latin-1 and hand the model mojibake."""
+    """Starlette's multipart parser, except that a text field must be UTF-8 (Starlette would decode
+    invalid bytes, or a field declared charset=gbk, as Latin-1 and hand the model mojibake), and
+    one file past max_files is the request's image limit, said as such."""
+
+    def on_headers_finished(self) -> None:
+        try:
+            super().on_headers_finished()
+        except MultiPartException:
+            if self._current_files > self.max_files:
+                raise ApiError(400, "too_many_images", "image", limit=self.max_files) from None
+            raise
 
     def on_part_end(self) -> None:
         part = self._current_part

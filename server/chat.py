@@ -9,8 +9,7 @@ from fastapi import APIRouter, Request
 
 from server.bodies import json_body
 from server.generate import json_limit
-from server.protocol import (MAX_IMAGES, ChatCompletion, ChatRequest, api_docs, image_refs, parse,
-                             schema_of, turns)
+from server.protocol import ChatCompletion, ChatRequest, api_docs, image_refs, parse, schema_of, turns
 from server.runner import Reply, generate, sse, usage
 from server.settings import Settings
 
@@ -50,7 +49,7 @@ def router(settings: Settings) -> APIRouter:
     async def chat(request: Request):
         srv = request.app.state.server
         srv.require_ready()
-        req = parse(ChatRequest, await json_body(request, json_limit(settings, MAX_IMAGES)), srv.limits)
+        req = parse(ChatRequest, await json_body(request, json_limit(settings, settings.max_images)), srv.limits)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await generate(request, srv, turns(req.messages), image_refs(req.messages), req, "messages",
                               ChatReply(settings.name, include_usage))

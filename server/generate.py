@@ -1,5 +1,6 @@
-"""POST /v1/generate-multipart (a form with an image file) and POST /v1/generate (JSON, the image
-as base64 or a data: URL): one prompt, at most one image, the answer as text."""
+"""POST /v1/generate-multipart (a form with image files: the `image` field repeated for several,
+in order) and POST /v1/generate (JSON, at most one image as base64 or a data: URL): one prompt,
+the answer as text."""
 from __future__ import annotations
 
 import uuid
@@ -7,8 +8,7 @@ import uuid
 from fastapi import APIRouter, Request
 
 from server.bodies import form_body, json_body
-from server.protocol import (MAX_IMAGES, GenerateForm, GenerateRequest, Generation, api_docs, parse,
-                             schema_of)
+from server.protocol import GenerateForm, GenerateRequest, Generation, api_docs, parse, schema_of
 from server.runner import Reply, generate, sse, usage
 from server.settings import Settings
 
@@ -42,7 +42,7 @@ def router(settings: Settings) -> APIRouter:
     async def generate_multipart(request: Request):
         srv = request.app.state.server
         srv.require_ready()
-        form = await form_body(request, settings.max_upload + 2 ** 20, MAX_IMAGES)
+        form = await form_body(request, settings.max_upload + 2 ** 20, settings.max_images)
         fields = {k: v if isinstance(v, str) else None for k, v in form.items()}     # a file is no text
         if "image" in form:
             fields["image"] = form.getlist("image")

@@ -20,6 +20,7 @@ def router(settings: Settings) -> APIRouter:
                                 headers={"Retry-After": str(RETRY_AFTER)})
         return {"status": "ok", "model": settings.name, "device": str(srv.device), "engine": srv.engine.snapshot(),
                 "limits": {"max_upload_mb": settings.max_upload_mb, "max_image_pixels": settings.max_image_pixels,
+                           "max_images": settings.max_images,
                            "max_new_tokens": settings.max_new_tokens, "context": srv.model.cfg.lm_max_len,
                            "max_batch": settings.max_batch, "max_queue": settings.max_queue,
                            "request_timeout_s": settings.request_timeout}}

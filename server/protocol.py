@@ -20,7 +20,6 @@ from pydantic_core import PydanticCustomError, ValidationError, core_schema
 from server.errors import from_validation
 from tokenizer import IMAGE
 
-MAX_IMAGES = 4                     # per request (each becomes cfg.image_tokens prompt tokens)
 SEED_MAX = 2 ** 63 - 1
 FORM_TRUE, FORM_FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 
@@ -271,12 +270,13 @@ class ChatBase(Generating):
         return self.max_tokens, "max_tokens"
 
     @model_validator(mode="after")
-    def a_question_last(self):
+    def a_question_last(self, info: ValidationInfo):
         said = [m for m in self.messages if m.role != "system"]
         if not said or said[-1].role != "user":
             raise fail("last_user", param="messages")
-        if sum(p.type == "image_url" for m in self.messages for p in m.content) > MAX_IMAGES:
-            raise fail("too_many_images", param="messages", limit=MAX_IMAGES)
+        limit = (info.context or {}).get("max_images")
+        if limit is not None and sum(p.type == "image_url" for m in self.messages for p in m.content) > limit:
+            raise fail("too_many_images", param="messages", limit=limit)
         return self
 
 

@@ -26,6 +26,7 @@ OPTIONS = [
     ("request_timeout", "SERVE_REQUEST_TIMEOUT", float, 120.0, "每个请求的时间上限（秒，含排队）"),
     ("max_upload_mb", "SERVE_MAX_UPLOAD_MB", float, 20.0, "上传图片的大小上限（MB）"),
     ("max_image_pixels", "SERVE_MAX_IMAGE_PIXELS", int, images.MAX_PIXELS, "图片像素上限（宽×高），解码前检查"),
+    ("max_images", "SERVE_MAX_IMAGES", int, 4, "每个请求最多可带的图片数（每张图占模型的若干个提示词 token）"),
     ("max_prompt_chars", "SERVE_MAX_PROMPT_CHARS", int, 4000, "提示词（含对话历史）的字符数上限"),
     ("max_new_tokens", "SERVE_MAX_NEW_TOKENS", int, 512, "请求可要求的 max_new_tokens 上限"),
     ("cors_origins", "SERVE_CORS_ORIGINS", str, "http://localhost:3000,http://127.0.0.1:3000",
@@ -51,6 +52,7 @@ class Settings:
     request_timeout: float
     max_upload_mb: float
     max_image_pixels: int
+    max_images: int
     max_prompt_chars: int
     max_new_tokens: int
     cors_origins: str
@@ -69,12 +71,13 @@ class Settings:
     @property
     def limits(self) -> dict:
         """The bounds a request is checked against (protocol.py names them)."""
-        return {"max_new_tokens": self.max_new_tokens, "max_prompt_chars": self.max_prompt_chars}
+        return {"max_new_tokens": self.max_new_tokens, "max_prompt_chars": self.max_prompt_chars,
+                "max_images": self.max_images}
 
     def validate(self):
         if self.dtype not in DTYPES:
             raise UserError(f"不支持的精度 {self.dtype!r}，可用：{', '.join(DTYPES)}。")
-        for key in ("port", "max_batch", "max_image_pixels", "max_prompt_chars", "max_new_tokens"):
+        for key in ("port", "max_batch", "max_image_pixels", "max_images", "max_prompt_chars", "max_new_tokens"):
             if getattr(self, key) < 1:
                 raise UserError(f"{key} 必须是正整数（现在是 {getattr(self, key)}）。")
         if self.max_queue < 0 or self.threads < 0:

@@ -94,7 +94,7 @@ def stop(proc: subprocess.Popen):
 def servers(tok, tmp_path_factory):
     """main: the server most tests use (checkpoint from LLM_CHECKPOINT, loading held until the
     health check before load was recorded); tight: batch 1, queue 1, 0.5 s per request, remote
-    images allowed; web: the static page on its own port (allowed by main's CORS)."""
+    images allowed, at most 2 images a request; web: the static page on its own port (allowed by main's CORS)."""
     d = tmp_path_factory.mktemp("serve")
     torch.manual_seed(0)
     model = VLM(tiny_config(tok, lm_max_len=4096))
@@ -116,7 +116,8 @@ def servers(tok, tmp_path_factory):
                    "--max-new-tokens", "8000", "--cors-origins", f"http://127.0.0.1:{web_port}"],
                   d / "main.log", gate=gate, env={"LLM_CHECKPOINT": str(ckpt)})
     tight = launch(["--checkpoint", str(ckpt), "--port", str(tight_port), "--max-batch", "1", "--max-queue", "1",
-                    "--request-timeout", "0.5", "--max-new-tokens", "4000", "--allow-remote-images"], d / "tight.log")
+                    "--request-timeout", "0.5", "--max-new-tokens", "4000", "--allow-remote-images",
+                    "--max-images", "2"], d / "tight.log")
     procs = [main, tight]
     try:
         base = f"http://127.0.0.1:{main_port}"

@@ -100,7 +100,7 @@ CATALOGUE = [  # (id, method, path, request kwargs, expected status, expected co
     ("postscript-as-image", "POST", MP, lambda: form(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n"), 400, "image_unreadable"),
     ("html-named-png", "POST", MP, lambda: form(b"<html><script>alert(1)</script></html>", "a.png"), 400, "image_unreadable"),
     ("five-images", "POST", MP, lambda: dict(files=[("image", ("a.png", PNG, "image/png"))] * 5,
-                                                data={"prompt": "x"}), 400, "multipart"),
+                                                data={"prompt": "x"}), 400, "too_many_images"),
     ("image-as-text-field", "POST", MP, lambda: raw_form([("prompt", b"x", None), ("image", b"not a file", None)]), 400, "type"),
     ("missing-prompt-form", "POST", MP, lambda: form(PNG, prompt=None), 400, "missing"),
     ("extra-form-field", "POST", MP, lambda: form(PNG, max_tokens="5"), 400, "unknown_field"),

@@ -156,6 +156,52 @@ def test_chat_with_system_text_and_two_images(servers):
     assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "too_many_images"
 
 
+def test_multipart_with_repeated_image_fields(servers):
+    """`image` sent several times: every image's tokens in the prompt, the same prompt as a chat
+    message with those parts; past the server's limit (tight: --max-images 2) a 400 that says so.
+    (This random test model's answers do not depend on the images; test_multi_image.py and
+    test_serve_engine.py check that each image reaches its own place.)"""
+    a, b, c = (scene_image(i, fmt="PNG") for i in (8, 9, 10))
+    files = lambda *imgs: [("image", (f"{i}.png", img, "image/png")) for i, img in enumerate(imgs)]
+    fields = {"prompt": "哪张图里有圆形？", "max_new_tokens": "8", "temperature": "1", "seed": "5"}   # varied text
+    ask = lambda base, *imgs: httpx.post(base + "/v1/generate-multipart", files=files(*imgs), data=fields, timeout=30)
+    one, two, three = ask(servers.base, a), ask(servers.base, a, b), ask(servers.base, a, b, c)
+    assert [r.status_code for r in (one, two, three)] == [200] * 3, three.text
+    assert two.json()["usage"]["prompt_tokens"] == one.json()["usage"]["prompt_tokens"] + 16
+    assert three.json()["usage"]["prompt_tokens"] == one.json()["usage"]["prompt_tokens"] + 32
+    parts = [{"type": "text", "text": fields["prompt"]}] + [{"type": "image_url", "image_url": {"url": data_url(x, "image/png")}}
+                                                            for x in (a, b)]
+    chat = httpx.post(servers.base + "/v1/chat/completions", timeout=30,
+                      json={"max_tokens": 8, "temperature": 1, "seed": 5, "messages": [{"role": "user", "content": parts}]}).json()
+    assert chat["choices"][0]["message"]["content"] == two.json()["text"]
+    assert chat["usage"]["prompt_tokens"] == two.json()["usage"]["prompt_tokens"]
+    over = ask(servers.tight, a, b, c)
+    assert over.status_code == 400 and over.json()["error"]["code"] == "too_many_images", over.text
+    assert over.json()["error"]["param"] == "image" and "2" in over.json()["error"]["message"]
+    assert CJK.search(over.json()["error"]["message"])
+    dup = httpx.post(servers.base + "/v1/generate-multipart", files=files(a), timeout=30,
+                     data={"prompt": ["a", "b"]})
+    assert dup.status_code == 400 and dup.json()["error"]["code"] == "duplicate_field"   # text fields: still once
+
+
+def test_chat_history_with_images_in_earlier_turns(servers):
+    """An image in the first turn and two in the last: 200, every image's tokens in the prompt;
+    past the limit (tight: 2 images) counted over the whole history."""
+    img = lambda i: {"type": "image_url", "image_url": {"url": data_url(scene_image(i))}}
+    history = lambda first, last: [
+        {"role": "user", "content": [*first, {"type": "text", "text": "描述这张图片"}]},
+        {"role": "assistant", "content": "一个红色的圆形。"},
+        {"role": "user", "content": [{"type": "text", "text": "这两张呢？"}, *last]}]
+    ask = lambda base, messages: httpx.post(base + "/v1/chat/completions", timeout=30,
+                                            json={"messages": messages, "max_tokens": 4})
+    full, text = ask(servers.base, history([img(11)], [img(12), img(13)])), ask(servers.base, history([], []))
+    assert full.status_code == text.status_code == 200, full.text
+    assert full.json()["usage"]["prompt_tokens"] == text.json()["usage"]["prompt_tokens"] + 3 * 16
+    over = ask(servers.tight, history([img(11)], [img(12), img(13)]))
+    assert over.status_code == 400 and over.json()["error"]["code"] == "too_many_images"
+    assert ask(servers.tight, history([img(11)], [img(12)])).status_code == 200
+
+
 # ----------------------------------------------------------------------------- errors
 
 def png_claiming(width, height) -> bytes:
