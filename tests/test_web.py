@@ -4,6 +4,7 @@
 (it must never pass unseen). The page is served as static files, the API by serve.py.
 """
 import base64
+import json
 from pathlib import Path
 
 import pytest
@@ -35,10 +36,23 @@ DROP = """(b64) => {
 }"""
 
 
+# Records the `image` fields of each form the page sends (the browser does not show a file
+# upload's body to Playwright).
+SENT = """() => {
+  const real = window.fetch;
+  window.__sent = [];
+  window.fetch = (url, options) => {
+    if (options && options.body instanceof FormData) window.__sent.push(options.body.getAll('image').map((f) => f.name));
+    return real(url, options);
+  };
+}"""
+
+
 def test_page_uploads_asks_and_streams(servers, tmp_path):
     assert CHROMIUM.exists(), "Chromium is missing: run `make test` (it installs it) or apt-get install chromium"
-    picture = tmp_path / "scene.png"
+    picture, second = tmp_path / "scene.png", tmp_path / "second.png"
     picture.write_bytes(scene_image(5, size=128, fmt="PNG"))
+    second.write_bytes(scene_image(7, size=128, fmt="PNG"))
     not_image = tmp_path / "notes.png"
     not_image.write_text("this is not a picture")
     ARTIFACTS.mkdir(exist_ok=True)
@@ -54,7 +68,8 @@ def test_page_uploads_asks_and_streams(servers, tmp_path):
             expect(page.locator("#error")).to_have_text("请先选择一张图片。")
 
             page.set_input_files("#file", str(picture))
-            expect(page.locator("#preview")).to_be_visible()
+            expect(page.locator("#thumbs img")).to_have_count(1)
+            expect(page.locator("#thumbs img").first).to_be_visible()
             page.fill("#max-tokens", "200")
             page.locator("#temperature").fill("1")                  # varied tokens: visible text
             page.fill("#seed", "3")                                  # the same sample on every run
@@ -71,14 +86,35 @@ def test_page_uploads_asks_and_streams(servers, tmp_path):
             expect(page.locator("#error")).to_be_hidden()
             page.screenshot(path=str(ARTIFACTS / "web.png"), full_page=True)
 
-            first_preview = page.locator("#preview").get_attribute("src")
+            first = page.locator("#thumbs img").first.get_attribute("src")
             page.evaluate(DROP, base64.b64encode(scene_image(6, size=128, fmt="PNG")).decode())
-            expect(page.locator("#preview")).not_to_have_attribute("src", first_preview)
-            page.fill("#prompt", "图里有什么？")
-            page.locator("#ask").click()
+            expect(page.locator("#thumbs img")).to_have_count(2)      # dropped: a second image
+            page.locator("#thumbs .remove").first.click()             # remove the first one
+            expect(page.locator("#thumbs img")).to_have_count(1)
+            expect(page.locator("#thumbs img").first).not_to_have_attribute("src", first)
+            page.set_input_files("#file", str(second))                # the file input adds to them
+            expect(page.locator("#thumbs img")).to_have_count(2)
+            page.fill("#prompt", "哪张图里有圆形？")
+            page.evaluate(SENT)
+            with page.expect_response("**/v1/generate-multipart") as answered:
+                page.locator("#ask").click()
             expect(page.locator("#history li")).to_have_count(2, timeout=30000)
-            expect(page.locator("#history li .q").first).to_have_text("图里有什么？")
+            assert page.evaluate("window.__sent") == [["dropped.png", "second.png"]]   # two `image` fields, in order
+            final = [json.loads(line[6:]) for line in answered.value.text().splitlines()
+                     if line.startswith("data: {")][-1]
+            assert final["usage"]["prompt_tokens"] > 32               # both images' 16 tokens each
+            expect(page.locator("#history li .q").first).to_have_text("哪张图里有圆形？")
+            expect(page.locator("#history li").first.locator("img")).to_have_count(2)
+            expect(page.locator("#status")).to_contain_text("完成：200 个 token")
+            expect(page.locator("#error")).to_be_hidden()
+            page.screenshot(path=str(ARTIFACTS / "web-two-images.png"), full_page=True)
 
+            page.set_input_files("#file", [str(picture)] * 3)         # past the server's 4: refused on the page
+            expect(page.locator("#thumbs img")).to_have_count(4)
+            expect(page.locator("#error")).to_contain_text("一次最多只能提问 4 张图片")
+            for _ in range(4):
+                page.locator("#thumbs .remove").first.click()
+            expect(page.locator("#thumbs li")).to_have_count(0)
             page.set_input_files("#file", str(not_image))          # the server's Chinese error is shown
             page.locator("#ask").click()
             expect(page.locator("#error")).to_contain_text("无法识别这张图片")

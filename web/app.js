@@ -1,4 +1,5 @@
-// The page talks to serve.py: POST /v1/generate-multipart with stream=true, read as SSE.
+// The page talks to serve.py: POST /v1/generate-multipart with stream=true, read as SSE; each
+// attached image is one `image` field, in the order shown.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -6,7 +7,8 @@ const API = new URLSearchParams(location.search).get("api") ||
   `${location.protocol}//${location.hostname || "localhost"}:8000`;
 const REASONS = { stop: "回答完毕", length: "达到最大生成长度", time_limit: "达到时间上限" };
 
-let file = null;          // the chosen image
+let chosen = [];          // the attached images: {file, url}, in the order they are sent
+let maxImages = 4;        // the server's limit per request (GET /health says it)
 let controller = null;    // aborts the running request
 
 $("api-base").textContent = API;
@@ -20,6 +22,7 @@ async function checkHealth() {
     const body = await r.json();
     badge.textContent = r.ok ? `模型已就绪：${body.model}` : "模型加载中…";
     badge.className = r.ok ? "badge ok" : "badge";
+    if (r.ok && body.limits && body.limits.max_images) maxImages = body.limits.max_images;
   } catch {
     badge.textContent = "无法连接服务";
     badge.className = "badge bad";
@@ -28,32 +31,63 @@ async function checkHealth() {
 checkHealth();
 setInterval(checkHealth, 10000);
 
-// ---------------------------------------------------------------- choosing an image
+// ---------------------------------------------------------------- choosing images
 
-function choose(f) {
-  if (!f) return;
-  file = f;
-  const img = $("preview");
-  const hint = $("drop-hint");
-  img.onerror = () => {
-    img.hidden = true;
-    hint.hidden = false;
-    hint.textContent = `无法预览 ${f.name}（可能不是图片），仍可提交让服务检查。`;
-  };
-  img.src = URL.createObjectURL(f);
-  img.hidden = false;
-  hint.hidden = true;
+function attach(files) {
   hideError();
+  for (const f of files) {
+    if (chosen.length >= maxImages) {
+      showError(`一次最多只能提问 ${maxImages} 张图片，多出的没有加入。`);
+      break;
+    }
+    chosen.push({ file: f, url: URL.createObjectURL(f) });
+  }
+  showThumbs();
 }
 
-$("file").addEventListener("change", (e) => choose(e.target.files[0]));
+function detach(item) {
+  chosen = chosen.filter((c) => c !== item);         // its URL stays valid: the history may show it
+  hideError();
+  showThumbs();
+}
+
+function showThumbs() {
+  const list = $("thumbs");
+  list.replaceChildren(...chosen.map((item, i) => {
+    const li = document.createElement("li");
+    const img = document.createElement("img");
+    img.alt = `第 ${i + 1} 张图片`;
+    img.onerror = () => {
+      li.prepend(`无法预览 ${item.file.name}（可能不是图片），仍可提交让服务检查。`);
+      img.remove();
+    };
+    img.src = item.url;
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "remove";
+    remove.textContent = "×";
+    remove.title = `移除第 ${i + 1} 张图片`;
+    remove.setAttribute("aria-label", remove.title);
+    remove.addEventListener("click", () => detach(item));
+    li.append(img, remove);
+    return li;
+  }));
+  $("drop-hint").textContent = chosen.length
+    ? `已选 ${chosen.length} 张图片（最多 ${maxImages} 张）。点击或拖入可以再加。`
+    : "点击选择图片（可以多选），或把图片拖到这里";
+}
+
+$("file").addEventListener("change", (e) => {
+  attach(e.target.files);
+  e.target.value = "";                 // choosing the same file again fires `change` again
+});
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => {
   e.preventDefault();
   drop.classList.remove("over");
-  choose(e.dataTransfer.files[0]);
+  attach(e.dataTransfer.files);
 });
 
 $("temperature").addEventListener("input", (e) => { $("temperature-value").textContent = e.target.value; });
@@ -76,18 +110,21 @@ function busy(on) {
   $("answer").classList.toggle("streaming", on);
 }
 
-function addHistory(prompt, answer, imageUrl) {
+function addHistory(prompt, answer, imageUrls) {
   const li = document.createElement("li");
-  const img = document.createElement("img");
-  img.src = imageUrl;
-  img.alt = "";
+  const imgs = imageUrls.map((url) => {
+    const img = document.createElement("img");
+    img.src = url;
+    img.alt = "";
+    return img;
+  });
   const q = document.createElement("span");
   q.className = "q";
   q.textContent = prompt;
   const a = document.createElement("div");
   a.className = "a";
   a.textContent = answer || "（空回答）";
-  li.append(img, q, a);
+  li.append(...imgs, q, a);
   $("history").prepend(li);
 }
 
@@ -116,13 +153,13 @@ async function* events(response) {
 
 async function ask() {
   hideError();
-  if (!file) {
+  if (!chosen.length) {
     showError("请先选择一张图片。");
     return;
   }
   const prompt = $("prompt").value.trim() || "描述这张图片";
   const form = new FormData();
-  form.append("image", file);
+  for (const item of chosen) form.append("image", item.file);
   form.append("prompt", prompt);
   form.append("max_new_tokens", $("max-tokens").value);
   form.append("temperature", $("temperature").value);
@@ -136,7 +173,7 @@ async function ask() {
   busy(true);
   controller = new AbortController();
   const started = performance.now();
-  const imageUrl = $("preview").src;
+  const imageUrls = chosen.map((item) => item.url);
   let text = "";
   try {
     const r = await fetch(`${API}/v1/generate-multipart`, {
@@ -161,13 +198,13 @@ async function ask() {
       if (event.finish_reason) {
         const seconds = ((performance.now() - started) / 1000).toFixed(1);
         status.textContent = `完成：${event.usage.completion_tokens} 个 token，用时 ${seconds} 秒（${REASONS[event.finish_reason] || event.finish_reason}）`;
-        addHistory(prompt, text, imageUrl);
+        addHistory(prompt, text, imageUrls);
       }
     }
   } catch (e) {
     if (e.name === "AbortError") {
       status.textContent = "已停止。";
-      if (text) addHistory(prompt, text + " …", imageUrl);
+      if (text) addHistory(prompt, text + " …", imageUrls);
     } else {
       showError(`无法连接到服务 ${API}：请确认 serve.py 正在运行（make serve-dev）。`);
       status.textContent = "";
