@@ -53,11 +53,12 @@ def picture(size):
     return img
 
 
-def compare(model, tok, llava, processor, prompt_text):
-    """Max |logit difference| on one image + prompt; asserts the processor and greedy decoding agree."""
-    img = picture(model.cfg.vit_image_size)
-    batch = Collator(tok, model.cfg, train=False)([{"image": img, "messages": [{"role": "user", "content": "描述这张图片。"}]}])
-    inputs = processor(images=img, text=prompt_text, return_tensors="pt")
+def compare(model, tok, llava, processor, prompt_text, images=None):
+    """Max |logit difference| on the images (default: one) + prompt; asserts the processor and
+    greedy decoding agree."""
+    images = images or [picture(model.cfg.vit_image_size)]
+    batch = Collator(tok, model.cfg, train=False)([{"images": images, "messages": [{"role": "user", "content": "描述这张图片。"}]}])
+    inputs = processor(images=images, text=prompt_text, return_tensors="pt")
     assert inputs["input_ids"].tolist() == batch["input_ids"].tolist()          # same template, same <image> expansion
     assert torch.allclose(inputs["pixel_values"], batch["pixels"], atol=1e-5)     # same preprocessing
     with torch.no_grad():
@@ -191,3 +192,21 @@ def test_export_in_bf16_writes_half_size_safetensors(tok, tmp_path):
     assert size["fp32"] > 0 and abs(size["bf16"] / size["fp32"] - 0.5) < 0.02
     llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "bf16")
     assert llava.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind", ["builtin", "siglip+qwen2"])
+def test_exported_model_answers_a_two_image_prompt_like_ours(kind, tok, tmp_path):
+    """Two images in one turn: the processor expands both placeholders as we do, and the exported
+    model's logits and greedy tokens equal ours."""
+    if kind == "builtin":
+        model, t = builtin_model(tok)
+    else:
+        model, t = backbones.build_vlm(str(tiny_hf.save_siglip(tmp_path / "s")), str(tiny_hf.save_qwen2(tmp_path / "q")))
+        model = perturbed(model)
+    llava, processor = export_hf.to_llava(model, t)
+    size = model.cfg.vit_image_size
+    images = [picture(size), picture(size).transpose(Image.Transpose.ROTATE_90)]
+    text = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "image"}, {"type": "text", "text": "描述这张图片。"}]}], add_generation_prompt=True)
+    assert text.count("<image>") == 2
+    assert compare(model, t, llava.eval(), processor, text, images) < 1e-4
