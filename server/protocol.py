@@ -132,7 +132,8 @@ class Text(Rule):
 
 
 class Uploads(Rule):
-    """The form's image files (a text field of that name is a mistake)."""
+    """The form's image files, the field repeated once per image (a text field of that name is a
+    mistake); their number is checked while the form is parsed (bodies.Utf8FormParser)."""
 
     def check(self, raw, info):
         if any(isinstance(f, str) for f in raw):
@@ -140,7 +141,8 @@ class Uploads(Rule):
         return raw
 
     def schema(self):
-        return {"type": "string", "format": "binary"}
+        return {"type": "array", "items": {"type": "string", "format": "binary"},
+                "description": "图片文件；几张图就把 image 字段重复几次，按顺序放在问题前面"}
 
 
 class OnlyOne(Rule):
