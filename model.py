@@ -328,7 +328,9 @@ class VLM(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def embed(self, input_ids, pixels=None):
-        """Token embeddings with each run of `<image>` tokens replaced by projected patches."""
+        """Token embeddings with each run of `<image>` tokens replaced by projected patches.
+        The runs take the images in reading order (row by row, left to right), so pixels
+        (n_images, 3, H, W) list each row's images in turn, any number per row (collate.py)."""
         x = self.lm.embed(input_ids)                                 # (B, T, D)
         is_img = input_ids == self.cfg.image_token_id
         n_tokens = int(is_img.sum())
