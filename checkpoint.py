@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import shutil
+import threading
 import zipfile
 from pathlib import Path
 
@@ -330,8 +331,47 @@ def resume_state(model: VLM, tokenizer: Tokenizer, meta: dict, aux, optimizer, s
             **progress, "rng": rng_state(), "train_config": train_config}
 
 
-def save_resume(output: str | Path, state: dict):
-    atomic_save(state, resume_path(output))
+class ResumeWriter:
+    """Writes resume state beside `output`, by default in a background thread: save() takes a
+    CPU copy of the state between two steps (memory copies only) and the write itself (torch.save,
+    fsync, rename) overlaps the next steps. One write at a time; wait() finishes the one in flight
+    and raises its error (a full disk, say) in the training thread."""
+
+    def __init__(self, output: str | Path):
+        self.path, self.thread, self.error = resume_path(output), None, None
+
+    def save(self, state: dict, background: bool = True):
+        self.wait()
+        state = cpu_copy(state)
+        if not background:
+            return atomic_save(state, self.path)
+        self.thread = threading.Thread(target=self._write, args=(state,), name="resume-save")
+        self.thread.start()
+
+    def _write(self, state):
+        try:
+            atomic_save(state, self.path)
+        except BaseException as e:            # noqa: BLE001 - handed to the training thread by wait()
+            self.error = e
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def cpu_copy(obj):
+    """obj with every tensor copied to the CPU, detached from what training goes on changing."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
 
 
 def load_resume(output: str | Path, batch_size: int, model: VLM, aux, optimizer, scaler) -> dict:

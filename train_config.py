@@ -38,7 +38,8 @@ class TrainConfig:
     accum: int = option(1, "梯度累积步数 (默认: {default})", flag="--grad-accum")  # micro-batches per optimizer step
     warmup: float = option(0.03, "预热占总步数的比例 (默认: {default:g})")     # share of all optimizer steps
     workers: int = option(-1, "数据加载进程数 (默认: 按机器自动)")              # -1: sized to the machine
-    save_every: int = option(200, "每多少步保存一次断点 (默认: {default})")    # optimizer steps between resume saves
+    save_minutes: float = option(5.0, "每隔多少分钟保存一次断点（在后台写，训练不用等；每轮结束时也保存）(默认: {default:g})")
+    save_every: int = option(0, "另外每多少步保存一次断点，0 表示只按时间和每轮保存 (默认: {default})")  # optimizer steps
     feature_cache_gb: float = option(       # CPU memory for a frozen vision encoder's features (0 = off)
         2.0, "视觉编码器冻结时（如 --train projector / lora），在 CPU 上把每张图的特征算一次后留在内存里，"
              "之后各轮不再过编码器；最多占这么多 GB，0 表示不缓存 (默认: {default:g})")
@@ -52,7 +53,8 @@ class TrainConfig:
     def validate(self):
         checks = [(self.epochs >= 1, "--epochs 必须是正整数"), (self.batch_size >= 1, "--batch-size 必须是正整数"),
                   (self.lr > 0 and math.isfinite(self.lr), "--lr 必须是大于 0 的数"),
-                  (self.accum >= 1, "--grad-accum 必须是正整数"), (self.save_every >= 1, "--save-every 必须是正整数"),
+                  (self.accum >= 1, "--grad-accum 必须是正整数"), (self.save_every >= 0, "--save-every 不能是负数"),
+                  (self.save_minutes > 0 and math.isfinite(self.save_minutes), "--save-minutes 必须是大于 0 的数"),
                   (0 <= self.warmup < 1, "--warmup 必须在 [0, 1) 之间"),
                   (self.precision in ("auto", "bf16", "fp16", "fp32"), "--precision 只能是 auto/bf16/fp16/fp32"),
                   (self.feature_cache_gb >= 0, "--feature-cache-gb 不能是负数")]

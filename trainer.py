@@ -11,8 +11,8 @@ Under torchrun (WORLD_SIZE > 1) the same loop runs data-parallel: NCCL on GPUs, 
 each rank takes its own slice of every global batch of the epoch's order (batch-size x processes
 samples), so all ranks make the same number of steps; accumulation micro-batches skip the
 all-reduce (no_sync); only rank 0 prints, logs and writes files. Resume state records the samples
-consumed in the epoch, so a run may continue on a different number of processes. Datasets whose items change
-per epoch (a fresh question, another of five captions) set `epoch_keys = True` and receive
+consumed in the epoch, so a run may continue on a different number of processes. Datasets whose
+items change per epoch (a fresh question, another caption) set `epoch_keys = True` and receive
 (epoch, index) keys instead of plain indices, which also works with persistent workers.
 
 Read Trainer.fit first: fit -> train_epoch -> train_batch -> optimizer_step, then end_epoch;
@@ -34,7 +34,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from checkpoint import check_writable, claim_output, load_resume, resume_bytes, resume_path, resume_state, save_checkpoint, save_resume
+from checkpoint import (ResumeWriter, check_writable, claim_output, load_resume, resume_bytes, resume_path,
+                        resume_state, save_checkpoint)
 from devices import autocast_dtype, default_workers, resolve_device
 from distributed import all_reduce, init_distributed, rank_keys
 from errors import UserError
@@ -152,10 +153,10 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.seen_in_epoch = 0                                     # samples of this epoch consumed, all ranks
         self.best = float("inf")
-        self.bad_steps = 0
-        self.skipped = 0
+        self.bad_steps = self.skipped = 0                          # non-finite steps: in a row, in all
         self.stop_signal = None
         self.log_path = Path(cfg.output).with_suffix(".log.jsonl")
+        self.saver, self.saved_at, self.resuming = ResumeWriter(cfg.output), time.monotonic(), cfg.resume
 
     def cache_for(self, tower) -> CachedTower | None:
         """A feature cache for a frozen tower on a CPU (--feature-cache-gb > 0), else None."""
@@ -181,9 +182,12 @@ class Trainer:
     def fit(self):
         """Train from epoch `self.epoch` (0, or where --resume left off) to the last; returns the
         best score. Ctrl-C / SIGTERM save resume state and raise TrainingInterrupted."""
+        self.resuming = self.cfg.resume and resume_path(self.cfg.output).exists()
+        if self.cfg.resume and not self.resuming:          # a job script may always pass --resume
+            self.say(f"没有找到断点文件 {resume_path(self.cfg.output)}，从头开始训练。")
         if self.is_main:
             self.prepare_output()
-        if self.cfg.resume:
+        if self.resuming:
             self.load_resume()
         try:
             with signals_caught(self._on_signal):
@@ -195,6 +199,7 @@ class Trainer:
         finally:
             if self.feature_cache is not None:
                 self.feature_cache.store.clear()
+            self.saver.wait()               # the last resume save is on disk (or its error raised)
         if self.world > 1:
             dist.barrier()                  # rank 0's last checkpoint is on disk before anyone leaves
         return self.best
@@ -202,7 +207,7 @@ class Trainer:
     def prepare_output(self):
         """Before the first step: a fresh run may not replace another run's model (--overwrite)
         and starts a fresh log; the output must have room for a resume save."""
-        fresh = not self.cfg.resume and self.step == 0      # not continuing a loaded resume state
+        fresh = not self.resuming and self.step == 0        # not continuing a loaded resume state
         if fresh:
             claim_output(self.cfg.output, self.meta, self.cfg.overwrite)
         check_writable(self.cfg.output, self.resume_bytes())
@@ -234,7 +239,8 @@ class Trainer:
 
     def train_batch(self, batch, sync: bool):
         """Forward and backward of one micro-batch; on the last of an optimizer step (`sync`) the
-        step itself, a resume save every --save-every steps, and a stop if a signal came."""
+        step itself, a background resume save every --save-minutes (or --save-every steps), and a
+        stop (after a save that completes first) if a signal came."""
         # accumulation micro-batches keep their gradients local; the last one all-reduces
         quiet = self.net.no_sync() if self.world > 1 and not sync else contextlib.nullcontext()
         with quiet:
@@ -244,10 +250,11 @@ class Trainer:
         self.seen_in_epoch += self.global_batch
         if sync:
             self.optimizer_step()
-            if self.step % self.cfg.save_every == 0:
-                self.save_resume()
+            every = self.cfg.save_every
+            if (every and self.step % every == 0) or time.monotonic() - self.saved_at >= 60 * self.cfg.save_minutes:
+                self.save_resume(background=True)
             if self.should_stop():
-                self.save_resume()
+                self.save_resume(background=False)
                 raise TrainingInterrupted(resume_path(self.cfg.output))
         return lm_loss.detach()
 
@@ -304,7 +311,7 @@ class Trainer:
                                 {**self.meta, "epoch": epoch + 1, "step": self.step, "score": score})
         self.log_metrics(record)
         self.epoch, self.batch_in_epoch, self.seen_in_epoch = epoch + 1, 0, 0
-        self.save_resume()
+        self.save_resume(background=True)
 
     # ------------------------------------------------------------------ data
     def loader(self, data, epoch: int, start: int = 0, shuffle: bool = True):
@@ -391,9 +398,10 @@ class Trainer:
     def resume_bytes(self) -> int:
         return resume_bytes(self.model, self.aux, self.opt, self.meta.get("weights") == "delta")
 
-    def save_resume(self):
+    def save_resume(self, background: bool):
         if self.is_main:
-            save_resume(self.cfg.output, self.state())
+            self.saver.save(self.state(), background)
+        self.saved_at = time.monotonic()
 
     def load_resume(self):
         obj = load_resume(self.cfg.output, self.cfg.batch_size, self.model, self.aux, self.opt, self.scaler)

@@ -85,6 +85,50 @@ def test_interrupted_then_resumed_run_ends_with_identical_weights(tok, tmp_path)
         assert torch.equal(a, b), k
 
 
+def test_resume_without_state_trains_from_the_start_with_a_note(tok, tmp_path, capsys):
+    again = make_trainer(tok, tmp_path, resume=True, epochs=1)     # a job script that always passes --resume
+    again.fit()
+    assert "没有找到断点文件" in capsys.readouterr().out and again.step == 6
+    assert (tmp_path / "m.pt").is_file() and len((tmp_path / "m.log.jsonl").read_text().splitlines()) == 1
+
+
+def test_resume_saves_follow_wall_time_in_the_background_and_still_resume_exactly(tok, tmp_path, monkeypatch):
+    import checkpoint
+    writes, real = [], checkpoint.atomic_save
+    def slow_save(obj, path):                                           # a slow disk: steps must not wait
+        import threading, time
+        if str(path).endswith(".resume.pt"):
+            writes.append((obj["step"], threading.current_thread().name))
+        time.sleep(0.05)
+        real(obj, path)
+    monkeypatch.setattr(checkpoint, "atomic_save", slow_save)
+    timed = make_trainer(tok, tmp_path / "t", save_every=0, save_minutes=1e-9, epochs=1)   # due after every step
+    timed.fit()
+    steps = [s for s, _ in writes]
+    assert steps == sorted(steps) and len(steps) >= 6                   # every step (and the epoch's end)
+    assert all(name == "resume-save" for _, name in writes)            # written off the training thread
+    crashing = make_trainer(tok, tmp_path / "c", cls=CrashingTrainer, save_every=0, save_minutes=1e-9, epochs=1)
+    with pytest.raises(Crash):
+        crashing.fit()
+    assert torch.load(tmp_path / "c" / "m.resume.pt", weights_only=True)["step"] == 4  # complete, atomic
+    resumed = make_trainer(tok, tmp_path / "c", resume=True, epochs=1)
+    resumed.fit()
+    for (k, a), (_, b) in zip(timed.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_a_failed_background_save_stops_training_with_one_clear_message(tok, tmp_path, monkeypatch):
+    import checkpoint
+    from errors import UserError
+    def full_disk(obj, path):
+        raise UserError("无法写入检查点：磁盘已满")
+    monkeypatch.setattr(checkpoint, "atomic_save", full_disk)
+    t = make_trainer(tok, tmp_path, save_every=0, save_minutes=1e-9, epochs=1)
+    with pytest.raises(UserError, match="磁盘已满"):
+        t.fit()
+    assert t.step <= 3                                                   # raised at the next save, not at the end
+
+
 def projector_only(model):
     from backbones import configure_training
     configure_training(model, "projector", lr=3e-3)
