@@ -103,11 +103,13 @@ def cell_source(value, root: Path | None = None):
 
 @dataclass(frozen=True)
 class ImageRef:
-    """Where one image is: a file (`path`) or a row of its Rows' table (`row`); or, for a path
-    refused before anything was read, why (`refused`)."""
+    """Where one image is: a file (`path`) or a row of its Rows' table (`row`; `item` picks one
+    image of a cell that holds a list of them); or, for a path refused before anything was
+    read, why (`refused`)."""
     path: str | None = None
     row: int | None = None
     refused: str | None = None
+    item: int | None = None
 
 
 @dataclass
@@ -128,7 +130,8 @@ class Rows:
             raise BadImage(ref.refused)
         if ref.path is not None:
             return ref.path
-        return cell_source(self.table[ref.row][self.table.column_names[0]], self.root)
+        cell = self.table[ref.row][self.table.column_names[0]]
+        return cell_source(cell if ref.item is None else cell[ref.item], self.root)
 
     def texts(self) -> list[str]:
         return [c for caps in self.captions for c in caps]
@@ -142,6 +145,7 @@ class CaptionSet(torch.utils.data.Dataset):
     own item instead. Images that fail to decode at run time are replaced by the next good one."""
 
     epoch_keys = True
+    scores_captions = True              # its items have reference captions for BLEU / CIDEr
 
     def __init__(self, rows: Rows, image_size: int, seed: int = 0, all_captions: bool = False,
                  max_pixels: int = MAX_PIXELS, keep=None):
@@ -172,6 +176,18 @@ class CaptionSet(torch.utils.data.Dataset):
     def image(self, k: int) -> Image.Image:
         return self.load(self.index[k][0])
 
+    def messages(self, epoch: int, k: int, i: int, c: int | None) -> list:
+        """Item k's conversation in `epoch` about image i: caption c (or one drawn) in a prompt."""
+        rng = random.Random(f"{self.seed}/{epoch}/{k}")
+        caps = self.rows.captions[i]
+        caption = caps[c] if c is not None else rng.choice(caps)
+        return sample(None, rng.choice(PROMPTS), caption)["messages"]
+
+    def chat(self, k: int) -> tuple[str, int, list]:
+        """(name, number of images, messages) of item k in epoch 0, no image decoded."""
+        i, c = self.index[k]
+        return self.rows.names[i], 1, self.messages(0, k, i, c)
+
     def __getitem__(self, key):
         epoch, k = key if isinstance(key, tuple) else (0, key)
         for attempt in range(len(self.index)):
@@ -185,10 +201,7 @@ class CaptionSet(torch.utils.data.Dataset):
                     log(f"警告：跳过无法使用的图片 {self.rows.names[i]}（{e}）")
         else:
             raise UserError(f"数据集 {self.rows.name} 里没有一张能读取的图片。")
-        rng = random.Random(f"{self.seed}/{epoch}/{k}")
-        caps = self.rows.captions[i]
-        caption = caps[c] if c is not None else rng.choice(caps)
-        return sample(image, rng.choice(PROMPTS), caption)
+        return {"image": image, "messages": self.messages(epoch, k, i, c)}
 
 
 def check_images(data: CaptionSet, max_bad_ratio: float, workers: int = 0) -> CaptionSet:

@@ -279,9 +279,10 @@ def copy_root(name: str) -> Path | None:
     return p if p.is_dir() else p.parent
 
 
-def load_hf(name: str, split: str = "train", image_column=None, caption_column=None):
-    """(train Rows, validation Rows or None) for a hub id or a local copy."""
-    train, val = open_split(name, split, False)
+def load_hf(name: str, split: str = "train", image_column=None, caption_column=None, opened=None):
+    """(train Rows, validation Rows or None) for a hub id or a local copy (`opened`: its
+    (train, validation) splits when the caller has opened them already)."""
+    train, val = opened or open_split(name, split, False)
     root = copy_root(name)
     train_rows = rows_from_table(train, name, image_column, caption_column, root)
     val_rows = rows_from_table(val, name, image_column, caption_column, root) if val is not None and len(val) else None
@@ -290,10 +291,10 @@ def load_hf(name: str, split: str = "train", image_column=None, caption_column=N
 
 # ----------------------------------------------------------------------------- streams
 
-def load_stream(name: str, split: str, image_column, caption_column, val_rows: int, head: int):
+def load_stream(name: str, split: str, image_column, caption_column, val_rows: int, head: int, opened=None):
     """(train stream, validation Rows or None): the first `val_rows` rows of the validation
     split, or without one the stream's first `head` rows, which then are not trained on."""
-    train, val = open_split(name, split, True)
+    train, val = opened or open_split(name, split, True)
     rows = stream_head(val, name, val_rows, image_column, caption_column) if val is not None else None
     if rows is None:
         rows = stream_head(train, name, head, image_column, caption_column)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 from dataclasses import dataclass, fields
 from typing import Callable
 
+import conversations
 import folders
 import hub
 from captions import CaptionSet, Mixture, Rows, check_images
@@ -101,6 +103,10 @@ class Table(Source):
         o = self.o
         return check_images(CaptionSet(self.train, size, o.seed, all_captions, o.max_pixels), max_bad_ratio, o.workers)
 
+    def examine(self, size: int):
+        part = self.checked(size, 1.0)
+        return part, bad_lines(part)
+
     def parts(self, size: int):
         """(training CaptionSet, validation CaptionSet or None); without a validation split,
         --val-ratio of the images are held out."""
@@ -114,6 +120,9 @@ class Table(Source):
 class Stream(Source):
     """A streamed HF data set: `train` is an IterableDataset (hub.load_stream)."""
 
+    def examine(self, size: int):
+        return None, []                 # a stream is read while training, not checked ahead
+
     def train_texts(self) -> list[str]:
         o = self.o
         return hub.stream_texts(self.train, self.name, STREAM_TEXTS, o.image_column, o.caption_column)
@@ -123,6 +132,40 @@ class Stream(Source):
         part = hub.StreamCaptions(self.train, self.name, o.steps_per_epoch * o.batch_size, size, o.image_column,
                                   o.caption_column, o.seed, o.shuffle_buffer, o.max_pixels, o.max_bad_ratio)
         return part, validation(self.val, size, o)
+
+
+class ChatTable(Source):
+    """Conversations read whole (conversations.py): `train` and `val` are Chats."""
+
+    def train_texts(self) -> list[str]:
+        return self.train.texts()
+
+    def checked(self, chats, size: int, max_bad_ratio: float):
+        """Samples with problems left out (named), every image decoded once, bad ones dropped."""
+        conversations.report(chats, max_bad_ratio)
+        o = self.o
+        part = check_images(conversations.ChatSet(chats, size, o.seed, o.max_pixels), max_bad_ratio, o.workers)
+        if not len(part):
+            raise UserError(f"{chats.name} 里没有一条可用的样本。用 --check-data 查看问题。")
+        return part
+
+    def examine(self, size: int):
+        """(training part, every problem) for --check-data: nothing is fatal."""
+        o = self.o
+        part = check_images(conversations.ChatSet(self.train, size, o.seed, o.max_pixels), 1.0, o.workers)
+        return part, self.train.problems + (self.val.problems if self.val else []) + bad_lines(part)
+
+    def parts(self, size: int):
+        full = self.checked(self.train, size, self.o.max_bad_ratio)
+        if self.val is not None:
+            val = self.checked(self.val, size, 1.0)
+            return full, val.take(range(min(len(val), MAX_VAL_IMAGES)))
+        keep, held = holdout(len(full), self.o.val_ratio, self.o.seed)
+        return full.take(keep), full.take(held[:MAX_VAL_IMAGES]) if held else None
+
+
+def bad_lines(part) -> list[str]:
+    return [f"{name}：{why}" for name, why in part.bad]
 
 
 def validation(rows: Rows | None, size: int, o: Options) -> CaptionSet | None:
@@ -148,16 +191,32 @@ def read_folder(name: str, o: Options, weight: float) -> Table:
     return Table(name, folders.load_local(name), None, o, weight)
 
 
-def read_hf(name: str, o: Options, weight: float) -> Table:
-    return Table(name, *hub.load_hf(name, o.split, o.image_column, o.caption_column), o, weight)
+def read_chat_files(name: str, o: Options, weight: float) -> ChatTable:
+    return ChatTable(name, conversations.load_files(name), None, o, weight)
+
+
+def read_hf(name: str, o: Options, weight: float) -> Source:
+    """A table with a conversation column (conversations.TURN_COLUMNS) is read as conversations,
+    any other as captioned images."""
+    train, val = opened = hub.open_split(name, o.split, False)
+    if conversations.turn_column(train.features) is None:
+        return Table(name, *hub.load_hf(name, o.split, o.image_column, o.caption_column, opened), o, weight)
+    root = hub.copy_root(name)
+    val = conversations.load_table(val, name, o.image_column, root) if val is not None and len(val) else None
+    return ChatTable(name, conversations.load_table(train, name, o.image_column, root), val, o, weight)
 
 
 def read_stream(name: str, o: Options, weight: float) -> Stream:
-    train, val = hub.load_stream(name, o.split, o.image_column, o.caption_column, MAX_VAL_IMAGES, max(1, o.eval_size))
+    opened = hub.open_split(name, o.split, True)
+    if conversations.turn_column(opened[0].features) is not None:
+        raise UserError(f"{name} 是对话数据，对话数据暂不支持 --streaming；请去掉 --streaming（会先下载到本机缓存）。")
+    train, val = hub.load_stream(name, o.split, o.image_column, o.caption_column, MAX_VAL_IMAGES,
+                                 max(1, o.eval_size), opened)
     return Stream(name, train, val, o, weight)
 
 
 FORMATS = [                             # the first of a --data-source that takes a name reads it
+    Format("local", lambda name, o: bool(conversations.chat_files(Path(name))), read_chat_files),   # LLaVA / messages
     Format("local", lambda name, o: True, read_folder),             # captions.json, metadata.jsonl/csv
     Format("huggingface", lambda name, o: o.streaming, read_stream),
     Format("huggingface", lambda name, o: True, read_hf),           # hub ids and local copies
@@ -199,13 +258,24 @@ class TrainingData:
         items = []
         for r in range(count):
             for part in self.val.parts if self.val else []:
-                if r < len(part) and len(items) < count:
+                if part.scores_captions and r < len(part) and len(items) < count:
                     items.append((part.image(r), part.references(r)))
         return items
 
     def runtime_bad(self) -> int:
         """Images that failed after the check (counted in this process)."""
         return sum(p.runtime_bad for p in self.train.parts)
+
+
+@dataclass
+class Limit:
+    """The context a model gives a sample: its tokenizer, tokens per image and context length."""
+    tok: object
+    image_tokens: int
+    max_len: int
+
+    def fit(self, part):
+        return part.fit(self.tok, self.image_tokens, self.max_len) if hasattr(part, "fit") else part
 
 
 @dataclass
@@ -221,8 +291,12 @@ class Sources:
     def texts(self) -> list[str]:
         return [t for s in self.sources for t in s.texts()]
 
-    def training_data(self, size: int) -> TrainingData:
+    def training_data(self, size: int, limit: Limit | None = None) -> TrainingData:
+        """The sources' parts, mixed; with a `limit`, parts that can (fit) leave out the samples
+        the context cannot hold."""
         parts = [s.parts(size) for s in self.sources]
+        if limit is not None:
+            parts = [tuple(limit.fit(p) for p in pair) for pair in parts]
         train = Mixture([t for t, _ in parts], [s.weight for s in self.sources], self.o.seed)
         val_parts = [v for _, v in parts if v is not None and len(v)]
         workers, shards = self.o.workers, train.shards()

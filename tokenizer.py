@@ -22,6 +22,8 @@ CJK = r"[\u2e80-\u2fff\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900
 
 
 class Tokenizer:
+    system_turns = False                # the template has no place for a system message
+
     def __init__(self, tok: HFTokenizer):
         self.tok = tok
         self.tok.encode_special_tokens = True     # user text can never smuggle in "<image>" or "</s>"
@@ -61,12 +63,17 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    def show(self, ids) -> str:
+        """The text of ids with the template's special tokens written out (for --check-data)."""
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
     def encode_chat(self, messages, image_tokens: int = 0, n_images: int = 0,
                     add_generation_prompt: bool = False):
         """messages: [{"role": "user"|"assistant", "content": str}, ...]. Each "<image>" in a
         user message becomes image_tokens copies of the image id; with images but no marker the
-        image goes in front of the first user message. Returns (ids, labels) where labels copy
-        the ids of assistant answers (and their </s>) and are -100 elsewhere."""
+        image goes in front of the first user message. The template has no place for a system
+        message: "system" turns are left out. Returns (ids, labels) where labels copy the ids of
+        assistant answers (and their </s>) and are -100 elsewhere."""
         marked = sum(m["content"].count(IMAGE) for m in messages if m["role"] == "user")
         if marked not in (0, n_images):
             raise ValueError(f"{marked} <image> markers in the prompt but {n_images} image(s)")
@@ -90,12 +97,27 @@ class Tokenizer:
                 answer = self.encode(m["content"]) + [self.eos_id]
                 ids += [self.assistant_id] + answer
                 labels += [-100] + answer
-            else:
+            elif m["role"] != "system":
                 raise ValueError(f"unknown role {m['role']!r}")
         if add_generation_prompt:
             ids.append(self.assistant_id)
             labels.append(-100)
         return ids, labels
+
+
+def kept_length(ids, labels, image_id: int, max_len: int) -> int | None:
+    """How many tokens of an encoded training sample fit a context of max_len: all of them, or
+    max_len when only answer text after the last image token is cut and at least one supervised
+    token stays; None when the cut would fall inside (or before the end of) the image tokens or
+    when nothing (within max_len) is supervised: such a sample cannot be trained on."""
+    if all(l == -100 for l in labels[:max_len]):
+        return None
+    if len(ids) <= max_len:
+        return len(ids)
+    last_image = max((i for i, t in enumerate(ids) if t == image_id), default=-1)
+    if last_image >= max_len or all(l == -100 for l in labels[:max_len]):
+        return None
+    return max_len
 
 
 def images_first(text: str) -> str:
@@ -114,7 +136,10 @@ class ChatTemplateTokenizer:
     and serve work unchanged with an existing LLM. `<image>` must already be one of its tokens.
 
     encode_chat renders the template turn by turn: the text a turn adds after the generation
-    prompt is the answer span that carries the loss (its end-of-turn token included)."""
+    prompt is the answer; its tokens up to and including the end-of-turn token carry the loss,
+    whatever the template writes after that token (ChatML's newline) does not."""
+
+    system_turns = True                 # the model's own template renders system messages
 
     def __init__(self, hf):
         self.hf = hf
@@ -169,6 +194,9 @@ class ChatTemplateTokenizer:
     def decode(self, ids) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    def show(self, ids) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
     def encode_chat(self, messages, image_tokens: int = 0, n_images: int = 0,
                     add_generation_prompt: bool = False):
         """Same contract as Tokenizer.encode_chat: (ids, labels), labels -100 outside answers."""
@@ -183,8 +211,9 @@ class ChatTemplateTokenizer:
 
         def add(text, supervised):
             piece = self.encode(text)
+            end = piece.index(self.eos_id) + 1 if supervised and self.eos_id in piece else len(piece)
             ids.extend(piece)
-            labels.extend(piece if supervised else [-100] * len(piece))
+            labels.extend(piece[:end] + [-100] * (len(piece) - end) if supervised else [-100] * len(piece))
 
         for i, m in enumerate(messages):
             if m["role"] not in ("user", "assistant", "system"):

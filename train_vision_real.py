@@ -15,6 +15,7 @@ import torch
 
 import backbones
 import captions
+import datacheck
 import images
 import sources
 from checkpoint import discard_resume, load_checkpoint
@@ -57,6 +58,9 @@ def build_parser():
                    help="坏图片（缺失、损坏、截断）超过这个比例就不开始训练 (默认: 0.05)")
     d.add_argument("--max-pixels", type=int, default=images.MAX_PIXELS,
                    help=f"单张图片的像素上限，超过的不解码直接跳过 (默认: {images.MAX_PIXELS})")
+    d.add_argument("--check-data", action="store_true",
+                   help="只检查数据、不训练：按对话模板展示几条样本（【】内是要训练的部分），统计样本、图片、轮数、"
+                        "token 长度，列出每个问题及其样本 id；有问题时退出码非 0")
     m = p.add_argument_group("模型（不给 --checkpoint 时从头训练）")
     m.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="模型大小 (默认: tiny，适合 CPU)")
     m.add_argument("--vocab-size", type=int, default=4096, help="从头训练时分词器的词表大小 (默认: 4096)")
@@ -119,7 +123,10 @@ def main(argv=None):
     size = model.cfg.vit_image_size
     say(f"模型参数: 视觉编码器 {count_params(model.vision) / 1e6:.2f}M, 投影层 {count_params(model.projector) / 1e6:.2f}M, "
           f"语言模型 {count_params(model.lm) / 1e6:.2f}M；图片 {size}×{size}，每张 {model.cfg.image_tokens} 个图像 token")
-    sets = data.training_data(size)
+    limit = sources.Limit(tok, model.cfg.image_tokens, model.cfg.lm_max_len)
+    if a.check_data:
+        sys.exit(datacheck.run(data, limit, size))
+    sets = data.training_data(size, limit)
     if sets.workers < workers:
         cfg.workers = sets.workers
     eval_items = sets.eval_items(a.eval_size)        # caption metrics on a fixed validation subset
