@@ -190,18 +190,25 @@ class CaptionSet(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, k = key if isinstance(key, tuple) else (0, key)
-        for attempt in range(len(self.index)):
-            i, c = self.index[(k + attempt) % len(self.index)]
-            try:
-                image = self.load(i)
-                break
-            except BadImage as e:
-                self.runtime_bad += 1
-                if self.runtime_bad <= 3:
-                    log(f"警告：跳过无法使用的图片 {self.rows.names[i]}（{e}）")
-        else:
-            raise UserError(f"数据集 {self.rows.name} 里没有一张能读取的图片。")
+        p, image = first_readable(self, k, len(self.index), lambda p: self.load(self.index[p][0]),
+                                  lambda p: f"无法使用的图片 {self.rows.names[self.index[p][0]]}",
+                                  f"数据集 {self.rows.name} 里没有一张能读取的图片。")
+        i, c = self.index[p]
         return {"image": image, "messages": self.messages(epoch, k, i, c)}
+
+
+def first_readable(part, k: int, n: int, read, named, none: str):
+    """(position, read(position)) for the first of positions k, k+1, ... (mod n) whose images
+    decode: a bad one is counted in part.runtime_bad, the first three named; none -> UserError."""
+    for attempt in range(n):
+        p = (k + attempt) % n
+        try:
+            return p, read(p)
+        except BadImage as e:
+            part.runtime_bad += 1
+            if part.runtime_bad <= 3:
+                log(f"警告：跳过{named(p)}（{e}）")
+    raise UserError(none)
 
 
 def check_images(data: CaptionSet, max_bad_ratio: float, workers: int = 0) -> CaptionSet:

@@ -10,15 +10,17 @@
       -> ChatSet: item {"images": [PIL], "messages": [...], "id"}, what collate.Collator takes
 Text-only samples ("images": []) are fine and mix with the rest. System turns stay in the
 messages: an HF chat template renders them, the built-in template has no place for them.
+Whitespace right after an <image> (LLaVA writes "<image>\n") is dropped on load.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from captions import ImageRef, Rows, inside, log
+from captions import ImageRef, Rows, first_readable, inside, log
 from errors import UserError
 from folders import parse_json, read_text
 from images import MAX_PIXELS, BadImage, ImagePolicy, decode
@@ -27,6 +29,7 @@ from tokenizer import IMAGE, kept_length
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 TURN_COLUMNS = ("conversations", "messages")     # an HF table with one of these holds conversations
 IMAGE_COLUMNS = ("images", "image")
+AFTER_IMAGE = re.compile(re.escape(IMAGE) + r"\s+")   # LLaVA's "<image>\n": serving sends no newline, so neither does training
 SHOWN = 5                                         # problems named in one line; --check-data lists all
 
 
@@ -70,7 +73,7 @@ def messages_of(turns) -> tuple[list, str | None]:
             return out, f"第 {k} 轮是空回答"
         if ROLES[role] != "user" and IMAGE in text:
             return out, f"第 {k} 轮（{role}）里有 {IMAGE}：占位符只能写在用户轮里"
-        out.append({"role": ROLES[role], "content": text})
+        out.append({"role": ROLES[role], "content": AFTER_IMAGE.sub(IMAGE, text)})
     if not any(m["role"] == "assistant" for m in out):
         return out, "没有回答轮（gpt / assistant），没有可训练的内容"
     return out, None
@@ -254,18 +257,13 @@ class ChatSet(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, k = key if isinstance(key, tuple) else (0, key)
-        for attempt in range(len(self.samples)):
-            s = self.samples[(k + attempt) % len(self.samples)]
-            try:
-                images = [self.load(i) for i in self.chats.images[s]]
-                break
-            except BadImage as e:
-                self.runtime_bad += 1
-                if self.runtime_bad <= 3:
-                    log(f"警告：跳过样本 {self.chats.ids[s]}（{e}）")
-        else:
-            raise UserError(f"数据集 {self.chats.name} 里没有一条图片都能读取的样本。")
-        return {"images": images, "messages": self.chats.messages[s], "id": self.chats.ids[s]}
+        chats = self.chats
+        p, images = first_readable(self, k, len(self.samples),
+                                   lambda p: [self.load(i) for i in chats.images[self.samples[p]]],
+                                   lambda p: f"样本 {chats.ids[self.samples[p]]}",
+                                   f"数据集 {chats.name} 里没有一条图片都能读取的样本。")
+        s = self.samples[p]
+        return {"images": images, "messages": chats.messages[s], "id": chats.ids[s]}
 
 
 def measure(part, tok, image_tokens: int, max_len: int) -> list[tuple]:
