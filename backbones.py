@@ -25,7 +25,12 @@ from errors import UserError
 from model import VLM, VLMConfig
 from tokenizer import IMAGE, ChatTemplateTokenizer
 
-TRAIN_CHOICES = ("projector", "vision+projector", "lora", "all")
+# --train choice -> (the parts whose own weights train, LoRA adapters on the LLM); "projector" is
+# LLaVA stage 1, "projector+lm" / "projector+lora" its stage 2 (docs/training.md)
+TRAINS = {"projector": ({"projector"}, False), "vision+projector": ({"vision", "projector"}, False),
+          "lora": ({"vision", "projector"}, True), "all": ({"vision", "projector", "lm"}, False),
+          "projector+lm": ({"projector", "lm"}, False), "projector+lora": ({"projector"}, True)}
+TRAIN_CHOICES = tuple(TRAINS)
 
 
 @dataclass(frozen=True)
@@ -329,35 +334,30 @@ def hf_parts(model: VLM) -> list[nn.Module]:
 
 def configure_training(model: VLM, train: str, lr: float, projector_lr: float | None = None,
                        backbone_lr: float | None = None, lora_r: int = 16, gradient_checkpointing: bool = False):
-    """Freeze / unfreeze per the choice and tag each trainable parameter with `lr_scale`
-    (trainer.param_groups turns equal scales into one optimizer group):
-      projector         only the projector (LLaVA stage 1)
-      vision+projector  vision encoder + projector, LLM frozen (default with an existing LLM)
-      lora              vision encoder + projector + LoRA adapters on the LLM (LLM weights frozen)
-      all               everything
-    Pretrained (HF) parts learn at backbone_lr (default lr/10), the projector at projector_lr
-    (default lr), built-in parts trained from scratch at lr."""
+    """Freeze / unfreeze per the choice (TRAINS; the default with an existing LLM is
+    vision+projector) and tag each trainable parameter with `lr_scale` (trainer.param_groups
+    turns equal scales into one optimizer group). Pretrained (HF) parts learn at backbone_lr
+    (default lr/10), the projector at projector_lr (default lr), built-in parts from scratch at lr."""
     if train not in TRAIN_CHOICES:
         raise UserError(f"--train 只能是 {' / '.join(TRAIN_CHOICES)}。")
     for value, name in ((projector_lr, "--projector-lr"), (backbone_lr, "--backbone-lr"), (lr, "--lr")):
         if value is not None and not value > 0:
             raise UserError(f"{name} 必须是大于 0 的数。")
-    if train == "lora":
+    trains, lora = TRAINS[train]
+    if lora:
         if model.lm.source is None:
-            raise UserError("--train lora 需要 Hugging Face 语言模型（--checkpoint 给出其文件夹或 hub id）。")
+            raise UserError(f"--train {train} 需要 Hugging Face 语言模型（--checkpoint 给出其文件夹或 hub id）。")
         if lora_r < 1:
             raise UserError("--lora-r 必须是正整数。")
     if gradient_checkpointing and not hf_parts(model):
         raise UserError("--gradient-checkpointing 只对预训练骨干（--vision-encoder 或 Hugging Face 语言模型）有效。")
-    trains = {"projector": {"projector"}, "vision+projector": {"vision", "projector"},
-              "lora": {"vision", "projector"}, "all": {"vision", "projector", "lm"}}[train]
     for name in ("vision", "projector", "lm"):
         getattr(model, name).requires_grad_(name in trains)
     if "vision" in trains and model.vision.source is not None:
         freeze_unused(model.vision)
-    if train == "lora" and model.lm.lora is None:
+    if lora and model.lm.lora is None:
         model.lm.add_lora(lora_r)                                   # adds trainable adapters only
-    elif train == "lora":                                           # continuing: keep the trained adapters
+    elif lora:                                                      # continuing: keep the trained adapters
         for name, p in model.lm.named_parameters():
             p.requires_grad_("lora_" in name)
     backbone_scale = (backbone_lr or lr * 0.1) / lr
@@ -406,7 +406,8 @@ def add_flags(p):
                    help="取视觉塔哪一层的输出作为图像特征 (默认: -2，倒数第二层，同 LLaVA)")
     g.add_argument("--train", choices=TRAIN_CHOICES,
                    help="训练哪些部分：projector 只训投影层 / vision+projector 视觉编码器+投影层，语言模型冻结 / "
-                        "lora 再加语言模型上的 LoRA / all 全部 (默认: --checkpoint 是 Hugging Face 语言模型时 "
+                        "lora 再加语言模型上的 LoRA / all 全部 / projector+lm 投影层+语言模型，视觉冻结（LLaVA 第二阶段）/ "
+                        "projector+lora 投影层+LoRA，视觉冻结 (默认: --checkpoint 是 Hugging Face 语言模型时 "
                         "vision+projector，否则 all)")
     g.add_argument("--lora-r", type=int, default=16, help="LoRA 的秩 r，alpha 取 2r (默认: 16)")
     g.add_argument("--projector-lr", type=float, help="投影层学习率 (默认: 同 --lr)")

@@ -306,3 +306,37 @@ def test_resume_state_of_a_delta_model_restores_the_trained_weights(hf, tmp_path
     second.load_resume()
     want, got = first.model.state_dict(), second.model.state_dict()
     assert all(torch.equal(want[k], got[k]) for k in want) and second.step == first.step
+
+
+@pytest.mark.parametrize("train, trains_lm_weights", [("projector+lm", True), ("projector+lora", False)])
+def test_stage_two_choices_freeze_the_vision_tower(hf, train, trains_lm_weights):
+    model, _ = backbones.build_vlm(hf["clip"], hf["qwen2"])
+    backbones.configure_training(model, train, lr=2e-5, backbone_lr=2e-5, lora_r=4)
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    assert all(p.requires_grad for p in model.projector.parameters())
+    lm = dict(model.lm.named_parameters())
+    assert any(p.requires_grad for n, p in lm.items() if "lora" not in n) == trains_lm_weights
+    assert any("lora" in n for n in lm) == (not trains_lm_weights)
+    assert {p.lr_scale for p in model.parameters() if p.requires_grad} == {1.0}
+
+
+def test_two_stage_recipe_as_documented(hf, tmp_path, capsys, monkeypatch):
+    """docs/training.md: stage 1 projector only at 1e-3, stage 2 from its checkpoint with LoRA
+    (vision frozen). Conversation data for stage 2 is exercised in test_conversations.py."""
+    from test_train_real import main
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    stage1, stage2 = tmp_path / "stage1.pt", tmp_path / "stage2.pt"
+    common = ["--data-path", hf["data"], "--epochs", "1", "--batch-size", "4", "--eval-size", "0", "--workers", "0"]
+    code, _, err = main([*common, "--vision-encoder", hf["clip"], "--checkpoint", hf["qwen2"], "--train", "projector",
+                         "--lr", "1e-3", "--output", str(stage1)], capsys)
+    assert code == 0, err[-2000:]
+    code, out, err = main([*common, "--checkpoint", str(stage1), "--train", "projector+lora", "--lr", "2e-4",
+                           "--backbone-lr", "2e-4", "--projector-lr", "2e-5", "--lora-r", "4", "--output", str(stage2)], capsys)
+    assert code == 0, err[-2000:]
+    assert "训练方式 projector+lora" in out
+    first, _, _ = load_checkpoint(stage1)
+    model, _, meta = load_checkpoint(stage2)
+    assert meta["train"] == "projector+lora"
+    assert not changed(model.vision.model.state_dict(), state_of(hf["clip"], "CLIPVisionModel"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in model.lm.model.state_dict().items())
+    assert not torch.equal(model.projector.fc1.weight, first.projector.fc1.weight)     # stage 2 moved on from stage 1
