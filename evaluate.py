@@ -149,7 +149,7 @@ def print_table(results):
     rows = [("精确匹配（描述完全正确）", "caption_exact"), ("形状数量", "count"), ("位置", "position"),
             ("颜色", "colour"), ("形状", "shape"), ("问答总体", "qa"), ("  问数量", "qa_count"),
             ("  问颜色", "qa_colour"), ("  问形状", "qa_shape"), ("  问位置上的物体", "qa_object"),
-            ("未见组合的物体", "heldout_objects")]
+            ("未见组合的物体", "heldout_objects"), ("两图：哪张图里有…（随机 50%）", "pairs")]
     names = list(results)
     print(pad("指标", 28) + "".join(pad(n, 12) for n in names))
     for label, key in rows:
@@ -169,6 +169,9 @@ def main(argv=None):
     p.add_argument("--lang", default=None, choices=["zh", "en"], help="描述语言（默认取训练时的设置）")
     p.add_argument("--device", default="auto", help="设备：auto / cpu / cuda（默认 auto）")
     p.add_argument("--json", help="把结果另存为 JSON 文件")
+    p.add_argument("--pairs", type=int, default=0,
+                   help="另测这么多道两图问题（“哪张图里有红色的圆形？”，随机猜对 50%%），用于在 scenes.py --format llava "
+                        "导出的数据上训练的模型（默认 0，不测）")
     real = p.add_argument_group("真实图片评估（BLEU-4 / CIDEr-D）")
     real.add_argument("--data-path", help="本地数据文件夹（images/ + captions.json 或 metadata.jsonl）")
     real.add_argument("--dataset-name", help="Hugging Face 数据集名或本地副本路径")
@@ -191,6 +194,10 @@ def main(argv=None):
     t = time.time()
     results = {"已见组合": evaluate_scenes(model, tok, a.scenes, "test", a.seed, lang),
                "未见组合": evaluate_scenes(model, tok, a.scenes, "heldout", a.seed, lang)}
+    if a.pairs > 0:
+        import scene_chats
+        for name, split in (("已见组合", "test"), ("未见组合", "heldout")):
+            results[name].update(scene_chats.score_pairs(model, tok, a.pairs, split, a.seed, lang))
     print_table(results)
     print(f"（{a.scenes} 个测试场景/组；用时 {time.time() - t:.1f} 秒）")
     if a.json:

@@ -320,9 +320,17 @@ def main(argv=None):
     p.add_argument("--lang", default="zh", choices=["zh", "en"], help="描述语言（默认 zh）")
     p.add_argument("--size", type=int, default=72, help="图片边长（像素，默认 72，与演示模型一致）")
     p.add_argument("--overwrite", action="store_true", help="允许替换文件夹里不是 scenes.py 生成的 captions.json")
+    p.add_argument("--format", default="captions", choices=["captions", "llava"],
+                   help="captions=图片描述（captions.json）；llava=LLaVA 对话格式（conversations.json：每张图多轮问答，"
+                        "另有两图问题，见 scene_chats.py）（默认 captions）")
     a = p.parse_args(argv)
     if a.count <= 0 or a.size < 16:
         p.exit(2, "错误：--count 必须为正数，--size 至少为 16。\n")
+    if a.format == "llava":
+        import scene_chats
+        samples = scene_chats.export(Path(a.out), a.count, a.split, a.seed, a.lang, a.size)
+        print(f"已写入 {a.count} 个场景、{len(samples)} 条对话样本到 {a.out}（images/、conversations.json）")
+        return
     check_out(Path(a.out), a.overwrite)
     export(Path(a.out), a.count, a.split, a.seed, a.lang, a.size)
     print(f"已写入 {a.count} 个场景到 {a.out}（images/、captions.json、metadata.jsonl）")

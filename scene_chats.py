@@ -1,0 +1,117 @@
+"""The synthetic scenes as LLaVA conversation data, and two-image questions to score a checkpoint on.
+
+    python scenes.py --format llava --out data/scene_chats --count 6000
+writes images/ and conversations.json (docs/datasets.md, LLaVA JSON):
+  - one sample per scene: the caption question and QUESTIONS questions about it, in random order;
+  - every PAIR_EVERY-th scene also starts a two-image sample with the next scene: "哪张图里有红色的
+    圆形？" answered "第一张。" or "第二张。" (the shape is in exactly one of them), then how many
+    shapes one of the two has ("Which picture has the red circle?" / "The first one." for en).
+A checkpoint trained on it by train_vision_real.py is scored by evaluate.py: the usual QA on
+unseen scenes, and with --pairs the two-image question on fresh scene pairs (chance: 50%).
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import scenes
+from errors import UserError
+
+QUESTIONS = 4                  # questions per scene besides the caption
+PAIR_EVERY = 4                 # a two-image sample for every 4th scene
+CHANCE = 0.5                   # two pictures: guessing is right half the time
+ORDINAL = {"zh": ("第一张", "第二张"), "en": ("first", "second")}
+
+
+def which_question(a, b, rng: random.Random, lang: str):
+    """(question, answer, 0 or 1) about a (colour, shape) found in exactly one of two scenes,
+    each picture equally likely to be the answer; None when both hold the same pairs."""
+    have = [{(o.colour, o.shape) for o in objs} for objs in (a, b)]
+    sides = [k for k in (0, 1) if have[k] - have[1 - k]]
+    if not sides:
+        return None
+    k = rng.choice(sides)
+    colour, shape = rng.choice(sorted(have[k] - have[1 - k]))
+    thing = scenes.name(scenes.Obj(shape, colour, 0), lang)
+    if lang == "zh":
+        return f"哪张图里有{thing}？", f"{ORDINAL['zh'][k]}。", k
+    return f"Which picture has the {thing}?", f"The {ORDINAL['en'][k]} one.", k
+
+
+def count_turn(objs, k: int, lang: str):
+    n = len(objs)
+    if lang == "zh":
+        return f"{ORDINAL['zh'][k]}图里有几个形状？", f"{scenes.COUNT_ZH[n]}个。"
+    return f"How many shapes are in the {ORDINAL['en'][k]} picture?", f"{scenes.COUNT_EN[n].capitalize()}."
+
+
+def turns(pairs) -> list[dict]:
+    out = []
+    for q, a in pairs:
+        out += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    return out
+
+
+def scene_sample(i: int, objs, fname: str, rng: random.Random, lang: str) -> dict:
+    qa = [(rng.choice(scenes.CAPTION_PROMPTS[lang]), scenes.caption(objs, lang))]
+    qa += scenes.pick_questions(objs, rng, lang, QUESTIONS)
+    rng.shuffle(qa)
+    qa[0] = ("<image>\n" + qa[0][0], qa[0][1])
+    return {"id": f"scene_{i:06d}", "image": f"images/{fname}", "conversations": turns(qa)}
+
+
+def pair_sample(i: int, first, second, files, rng: random.Random, lang: str) -> dict | None:
+    asked = which_question(first, second, rng, lang)
+    if asked is None:
+        return None
+    q, a, _ = asked
+    k = rng.randrange(2)
+    qa = [("<image>\n<image>\n" + q, a), count_turn((first, second)[k], k, lang)]
+    return {"id": f"pair_{i:06d}", "image": [f"images/{f}" for f in files], "conversations": turns(qa)}
+
+
+def export(out: Path, count: int, split: str = "train", seed: int = 0, lang: str = "zh", size: int = 72):
+    """Write images/ and conversations.json: `count` scene samples and about count/PAIR_EVERY pairs."""
+    if (out / "captions.json").exists():
+        raise UserError(f"{out} 里已有 captions.json（描述格式），对话数据要放在另一个文件夹，请换一个 --out。")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / scenes.MARKER).write_text("scenes.py --format llava\n", encoding="utf-8")
+    objs_of, files, samples = [], [], []
+    for i in range(count):
+        objs, rng = scenes.make_scene(seed, split, i)
+        fname = f"scene_{split}_{i:06d}.png"
+        scenes.render(objs, rng, size).save(out / "images" / fname)
+        objs_of.append(objs)
+        files.append(fname)
+        samples.append(scene_sample(i, objs, fname, random.Random(f"chat/{seed}/{split}/{i}"), lang))
+    for i in range(0, count - 1, PAIR_EVERY):
+        pair = pair_sample(i, objs_of[i], objs_of[i + 1], files[i:i + 2], random.Random(f"pair/{seed}/{split}/{i}"), lang)
+        if pair:
+            samples.append(pair)
+    (out / "conversations.json").write_text(json.dumps(samples, ensure_ascii=False, indent=1), encoding="utf-8")
+    return samples
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def pair_items(count: int, split: str = "test", seed: int = 0, lang: str = "zh", size: int = 72) -> list[tuple]:
+    """[(two PIL images, question, answer)] on scene pairs never trained on (from `split`)."""
+    items, i = [], 0
+    while len(items) < count:
+        (a, ra), (b, rb) = scenes.make_scene(seed, split, 2 * i), scenes.make_scene(seed, split, 2 * i + 1)
+        asked = which_question(a, b, random.Random(f"score/{seed}/{split}/{i}"), lang)
+        i += 1
+        if asked:
+            items.append(([scenes.render(a, ra, size), scenes.render(b, rb, size)], asked[0], asked[1]))
+    return items
+
+
+def score_pairs(model, tok, count: int, split: str = "test", seed: int = 0, lang: str = "zh") -> dict:
+    """{"pairs": accuracy on `count` two-image questions, "pairs_chance": 0.5}."""
+    from evaluate import generate_texts, normalise
+    items = pair_items(count, split, seed, lang, model.cfg.vit_image_size)
+    samples = [{"images": ims, "messages": [{"role": "user", "content": "<image>\n<image>\n" + q}]} for ims, q, _ in items]
+    answers = generate_texts(model, tok, samples, max_new_tokens=12)
+    right = sum(normalise(got) == normalise(want) for got, (_, _, want) in zip(answers, items))
+    return {"pairs": right / count, "pairs_chance": CHANCE}
