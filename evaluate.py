@@ -127,6 +127,9 @@ def evaluate_real(a, model, tok):
     import sources
     o = sources.Options(split=a.split, image_column=a.image_column, caption_column=a.caption_column)
     source = sources.read("local", a.data_path, o) if a.data_path else sources.read("huggingface", a.dataset_name, o)
+    if not source.has_captions:
+        raise UserError(f"{source.name} 是对话数据，没有参考描述，算不了 BLEU-4 / CIDEr-D。合成场景的对话版用不带 "
+                        f"--data-path 的 evaluate.py（可加 --pairs）评估。")
     data = source.checked(model.cfg.vit_image_size, max_bad_ratio=1.0)
     if not len(data):
         raise UserError("没有可用于评估的图片。")

@@ -86,6 +86,7 @@ class Source:
     val: Rows | None
     o: Options
     weight: float = 1.0
+    has_captions = True                 # reference captions to score BLEU / CIDEr against
 
     def texts(self) -> list[str]:
         """Its captions, for training a tokenizer: the training ones, then the validation ones."""
@@ -136,6 +137,8 @@ class Stream(Source):
 
 class ChatTable(Source):
     """Conversations read whole (conversations.py): `train` and `val` are Chats."""
+
+    has_captions = False
 
     def train_texts(self) -> list[str]:
         return self.train.texts()
