@@ -21,6 +21,7 @@ SHOW = 3                          # samples printed with their supervised spans
 class Tally:
     samples: int = 0
     images: int = 0
+    distinct: int = 0             # different images (a sample may share one with others)
     turns: int = 0                # answers (assistant turns)
     text_only: int = 0
     system: int = 0               # samples with a system turn
@@ -70,6 +71,7 @@ def examine(data, limit, size: int) -> Tally:
         if part is None:
             print(f"{source.name}：流式数据在训练时边读边用，这里不做全量检查。")
             continue
+        tally.distinct += len(part.images)
         for k, (sid, tokens, supervised, why) in enumerate(measure(part, tok, image_tokens, max_len)):
             _, n_images, messages = part.chat(k)
             tally.add(n_images, messages)
@@ -89,7 +91,7 @@ def run(data, limit, size: int) -> int:
     print("数据检查（不训练）。样本按训练时的对话模板展示，【】里是要训练的 token（回答及其结束符）：")
     t = examine(data, limit, size)
     tok, image_tokens, max_len = limit.tok, limit.image_tokens, limit.max_len
-    print(f"样本 {t.samples} 条，图片 {t.images} 张，回答 {t.turns} 轮，纯文字样本 {t.text_only} 条"
+    print(f"样本 {t.samples} 条，图片 {t.images} 张" + (f"（不同的 {t.distinct} 张）" if t.distinct != t.images else "") + f"，回答 {t.turns} 轮，纯文字样本 {t.text_only} 条"
           + (f"，带 system 轮的 {t.system} 条" + ("" if tok.system_turns else "（内置模板没有 system 位置，训练时不用）")
              if t.system else "") + "。")
     if t.lengths:

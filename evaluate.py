@@ -152,7 +152,7 @@ def print_table(results):
     rows = [("精确匹配（描述完全正确）", "caption_exact"), ("形状数量", "count"), ("位置", "position"),
             ("颜色", "colour"), ("形状", "shape"), ("问答总体", "qa"), ("  问数量", "qa_count"),
             ("  问颜色", "qa_colour"), ("  问形状", "qa_shape"), ("  问位置上的物体", "qa_object"),
-            ("未见组合的物体", "heldout_objects"), ("两图：哪张图里有…（随机 50%）", "pairs")]
+            ("未见组合的物体", "heldout_objects"), ("两图问答（随机 50%）", "pairs")]
     names = list(results)
     print(pad("指标", 28) + "".join(pad(n, 12) for n in names))
     for label, key in rows:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import scenes
 from errors import UserError
+from tokenizer import IMAGE
 
 QUESTIONS = 4                  # questions per scene besides the caption
 PAIR_EVERY = 4                 # a two-image sample for every 4th scene
@@ -111,7 +112,7 @@ def score_pairs(model, tok, count: int, split: str = "test", seed: int = 0, lang
     """{"pairs": accuracy on `count` two-image questions, "pairs_chance": 0.5}."""
     from evaluate import generate_texts, normalise
     items = pair_items(count, split, seed, lang, model.cfg.vit_image_size)
-    samples = [{"images": ims, "messages": [{"role": "user", "content": "<image>\n<image>\n" + q}]} for ims, q, _ in items]
+    samples = [{"images": ims, "messages": [{"role": "user", "content": IMAGE * 2 + q}]} for ims, q, _ in items]
     answers = generate_texts(model, tok, samples, max_new_tokens=12)
     right = sum(normalise(got) == normalise(want) for got, (_, _, want) in zip(answers, items))
     return {"pairs": right / count, "pairs_chance": CHANCE}

@@ -192,6 +192,18 @@ def test_hf_columns_conversations_and_one_image(tmp_path):
     assert items["text-only"]["images"] == [] and items["two-turns"]["messages"][0]["content"] == "<image>图里有什么？"
 
 
+def test_hf_columns_messages_and_a_list_of_paths_in_a_parquet_copy(tmp_path):
+    root = llava_folder(tmp_path / "pq", [])
+    rows = [as_messages(r) for r in LLAVA]
+    for r in rows:
+        r["images"] = [f"images/{p}" for p in r["images"]]
+    Dataset.from_list(rows).to_parquet(str(root / "train.parquet"))
+    part, _ = read(str(root / "train.parquet"), "huggingface").parts(32)
+    items = {part[(0, k)]["id"]: part[(0, k)] for k in range(len(part))}
+    assert [len(items[i]["images"]) for i in ("two-turns", "two-images", "text-only")] == [1, 2, 0]
+    assert items["two-images"]["images"][1].getpixel((5, 5)) != items["two-images"]["images"][0].getpixel((5, 5))
+
+
 def test_chats_mix_with_captions(tmp_path, tok):
     folder = guide_folder(tmp_path / "caps", 6)
     data = sources.Sources([read(str(folder)), read(str(llava_folder(tmp_path / "chat")))], sources.Options(val_ratio=0))
@@ -250,7 +262,7 @@ def test_check_data_on_good_data_exits_0_and_shows_the_learnt_spans(tmp_path, ca
     assert code == 0, out
     assert "【红色的圆形。</s>】<|user|>几个？<|assistant|>【一个。</s>】" in out
     assert "<s><|user|><image>×32" in out                             # micro: 16 tokens per image, two images
-    assert "样本 3 条，图片 3 张，回答 4 轮，纯文字样本 1 条，带 system 轮的 1 条（内置模板没有 system 位置" in out
+    assert "样本 3 条，图片 3 张（不同的 2 张），回答 4 轮，纯文字样本 1 条，带 system 轮的 1 条（内置模板没有 system 位置" in out
     assert "没有发现问题" in out and not (tmp_path / "m.pt").exists()
 
 
