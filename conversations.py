@@ -29,7 +29,7 @@ from tokenizer import IMAGE, kept_length
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 TURN_COLUMNS = ("conversations", "messages")     # an HF table with one of these holds conversations
 IMAGE_COLUMNS = ("images", "image")
-AFTER_IMAGE = re.compile(re.escape(IMAGE) + r"\s+")   # LLaVA's "<image>\n": serving sends no newline, so neither does training
+AFTER_IMAGE = re.compile(re.escape(IMAGE) + r"\s+")   # LLaVA's "<image>\n": serving sends no newline
 SHOWN = 5                                         # problems named in one line; --check-data lists all
 
 

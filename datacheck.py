@@ -36,6 +36,16 @@ class Tally:
         self.system += any(m["role"] == "system" for m in messages)
 
 
+    def counts(self, system_turns: bool) -> str:
+        """One line: samples, images, answers, text-only samples, system turns."""
+        line = f"样本 {self.samples} 条，图片 {self.images} 张"
+        line += f"（不同的 {self.distinct} 张）" if self.distinct != self.images else ""
+        line += f"，回答 {self.turns} 轮，纯文字样本 {self.text_only} 条"
+        if self.system:
+            line += f"，带 system 轮的 {self.system} 条" + ("" if system_turns else "（内置模板没有 system 位置，训练时不用）")
+        return line + "。"
+
+
 def marked(tok, ids, labels) -> str:
     """The encoded sample as text: supervised spans in 【】, each run of image tokens as <image>×N."""
     out, k = [], 0
@@ -91,9 +101,7 @@ def run(data, limit, size: int) -> int:
     print("数据检查（不训练）。样本按训练时的对话模板展示，【】里是要训练的 token（回答及其结束符）：")
     t = examine(data, limit, size)
     tok, image_tokens, max_len = limit.tok, limit.image_tokens, limit.max_len
-    print(f"样本 {t.samples} 条，图片 {t.images} 张" + (f"（不同的 {t.distinct} 张）" if t.distinct != t.images else "") + f"，回答 {t.turns} 轮，纯文字样本 {t.text_only} 条"
-          + (f"，带 system 轮的 {t.system} 条" + ("" if tok.system_turns else "（内置模板没有 system 位置，训练时不用）")
-             if t.system else "") + "。")
+    print(t.counts(tok.system_turns))
     if t.lengths:
         over = sum(n > max_len for n in t.lengths)
         print(f"token 长度（含每张图 {image_tokens} 个图片 token，上下文 {max_len}）：最短 {min(t.lengths)}，"
