@@ -321,17 +321,30 @@ def test_stage_two_choices_freeze_the_vision_tower(hf, train, trains_lm_weights)
 
 
 def test_two_stage_recipe_as_documented(hf, tmp_path, capsys, monkeypatch):
-    """docs/training.md: stage 1 projector only at 1e-3, stage 2 from its checkpoint with LoRA
-    (vision frozen). Conversation data for stage 2 is exercised in test_conversations.py."""
+    """docs/training.md: stage 1 projector only at 1e-3 on captions, stage 2 from its checkpoint
+    with LoRA (vision frozen) on conversations with 0, 1 and 2 images per sample."""
     from test_train_real import main
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    chats = tmp_path / "chats"
+    (chats / "images").mkdir(parents=True)
+    samples = []
+    for i, colour in enumerate(["red", "green", "blue", "white"] * 2):
+        Image.new("RGB", (40, 36), colour).save(chats / "images" / f"{i}.png")
+        samples.append({"id": f"one-{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": f"a {colour} picture"},
+            {"from": "human", "value": "Is it a picture?"}, {"from": "gpt", "value": "Yes."}]})
+    samples.append({"id": "two", "image": ["0.png", "1.png"], "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nWhich picture is red?"}, {"from": "gpt", "value": "The first one."}]})
+    samples.append({"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]})
+    (chats / "chat.json").write_text(json.dumps(samples))
     stage1, stage2 = tmp_path / "stage1.pt", tmp_path / "stage2.pt"
-    common = ["--data-path", hf["data"], "--epochs", "1", "--batch-size", "4", "--eval-size", "0", "--workers", "0"]
-    code, _, err = main([*common, "--vision-encoder", hf["clip"], "--checkpoint", hf["qwen2"], "--train", "projector",
-                         "--lr", "1e-3", "--output", str(stage1)], capsys)
+    common = ["--epochs", "1", "--batch-size", "4", "--eval-size", "0", "--workers", "0"]
+    code, _, err = main([*common, "--data-path", hf["data"], "--vision-encoder", hf["clip"], "--checkpoint", hf["qwen2"],
+                         "--train", "projector", "--lr", "1e-3", "--output", str(stage1)], capsys)
     assert code == 0, err[-2000:]
-    code, out, err = main([*common, "--checkpoint", str(stage1), "--train", "projector+lora", "--lr", "2e-4",
-                           "--backbone-lr", "2e-4", "--projector-lr", "2e-5", "--lora-r", "4", "--output", str(stage2)], capsys)
+    code, out, err = main([*common, "--data-path", str(chats), "--checkpoint", str(stage1), "--train", "projector+lora",
+                           "--lr", "2e-4", "--backbone-lr", "2e-4", "--projector-lr", "2e-5", "--lora-r", "4",
+                           "--output", str(stage2)], capsys)
     assert code == 0, err[-2000:]
     assert "训练方式 projector+lora" in out
     first, _, _ = load_checkpoint(stage1)

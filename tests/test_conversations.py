@@ -298,3 +298,21 @@ def test_two_image_questions_are_balanced_and_answerable():
     assert 70 < firsts < 130 and all(len(ims) == 2 for ims, _, _ in items)
     same = scenes.make_scene(0, "test", 0)[0]
     assert scene_chats.which_question(same, same, random.Random(0), "en") is None   # nothing tells them apart
+
+
+def test_scene_chats_train_and_score_end_to_end(tmp_path, capsys):
+    """The LLaVA export of the scenes trains through train_vision_real.py (one-, two-image
+    samples in the same batches) and evaluate.py --pairs scores the checkpoint against chance."""
+    import evaluate
+    scene_chats.export(tmp_path / "s", 12, size=32)
+    out = tmp_path / "m.pt"
+    code, text, err = main(["--data-path", str(tmp_path / "s"), "--preset", "micro", "--epochs", "1", "--batch-size", "8",
+                            "--workers", "0", "--val-ratio", "0", "--output", str(out)], capsys)
+    assert code == 0, err[-2000:]
+    assert "训练样本 15 条/轮" in text and out.exists()
+    evaluate.main(["--checkpoint", str(out), "--scenes", "2", "--pairs", "4", "--device", "cpu",
+                   "--json", str(tmp_path / "r.json")])
+    result = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    for split in ("已见组合", "未见组合"):
+        assert result[split]["pairs_chance"] == 0.5 and result[split]["pairs"] in (0, 0.25, 0.5, 0.75, 1)
+    assert "两图问答（随机 50%）" in capsys.readouterr().out
