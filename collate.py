@@ -14,7 +14,7 @@ import torch
 
 from images import to_tensor
 from model import VLMConfig
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, kept_length
 
 
 class Collator:
@@ -33,16 +33,12 @@ class Collator:
         ids, labels = self.tok.encode_chat(messages, self.cfg.image_tokens, len(images_of(sample)),
                                            add_generation_prompt=not self.train)
         if len(ids) > self.max_len:
-            if not self.train or not self.cuttable(ids, labels):
+            # only answer text after the last image may go (the splice needs every image token)
+            keep = kept_length(ids, labels, self.cfg.image_token_id, self.max_len) if self.train else None
+            if keep is None:
                 raise ValueError(f"prompt too long: {len(ids)} tokens > limit {self.max_len}")
-            ids, labels = ids[:self.max_len], labels[:self.max_len]
+            ids, labels = ids[:keep], labels[:keep]
         return ids, labels
-
-    def cuttable(self, ids, labels) -> bool:
-        """Whether cutting at max_len keeps every image token (a later turn may still hold an
-        image: the splice needs all of them) and at least one supervised token."""
-        after_images = max((i + 1 for i, t in enumerate(ids) if t == self.cfg.image_token_id), default=0)
-        return after_images <= self.max_len and any(l != -100 for l in labels[:self.max_len])
 
     def __call__(self, samples):
         encoded = [self.encode(s) for s in samples]

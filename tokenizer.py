@@ -115,7 +115,7 @@ def kept_length(ids, labels, image_id: int, max_len: int) -> int | None:
     if len(ids) <= max_len:
         return len(ids)
     last_image = max((i for i, t in enumerate(ids) if t == image_id), default=-1)
-    if last_image >= max_len or all(l == -100 for l in labels[:max_len]):
+    if last_image >= max_len:
         return None
     return max_len
 
