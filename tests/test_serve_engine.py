@@ -253,3 +253,33 @@ def test_a_bad_new_job_fails_alone(model, tok):
     assert bad.finish_reason == "error"
     assert running.finish_reason in ("length", "stop") and running.t_end > bad.t_end
     assert running.tokens == reference(model, ids, None, 150, {tok.eos_id})
+
+
+def test_a_sliding_window_llm_keeps_its_window_in_the_stacked_cache(one_thread):
+    """hf_cache keeps every column (so layers stack); transformers still masks by the window from
+    the config, in cache columns, which left padding shifts alike for query and keys. Decoding a
+    left-padded prompt of a Mistral with a 4-token window equals its full forward without cache."""
+    from transformers import MistralConfig, MistralForCausalLM
+    from backbones import HFLanguageModel
+    from model import positions_and_mask
+    torch.manual_seed(0)
+    lm = HFLanguageModel(MistralForCausalLM(MistralConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4, attn_implementation="sdpa")).eval(), "mistral")
+    ids = torch.randint(3, 100, (1, 12))
+    with torch.inference_mode():
+        want = lm.logits(lm(lm.embed(ids), torch.arange(12)[None]))[0, 8:]
+        am = torch.tensor([[0, 0, 0] + [1] * 9])                 # 3 pad columns on the left
+        positions, mask = positions_and_mask(am, (1, 12))
+        cache = lm.new_cache(1, 12)
+        h = lm(lm.embed(torch.cat([torch.zeros(1, 3, dtype=torch.long), ids[:, :9]], 1)), positions, mask, cache)
+        got, key_mask = [lm.logits(h[0, -1])], am.bool()
+        for t in (9, 10, 11):
+            key_mask = torch.cat([key_mask, key_mask.new_ones(1, 1)], 1)
+            cache = cache.from_stacked(*cache.stacked())          # as after a merge or a cut
+            got.append(lm.logits(lm(lm.embed(ids[:, t:t + 1]), torch.tensor([[t]]), key_mask[:, None, None, :],
+                                    cache)[0, -1]))
+    assert torch.allclose(torch.stack(got), want, atol=1e-5)
+    lm.hf_model.config.sliding_window = None
+    windowless = lm.logits(lm(lm.embed(ids), torch.arange(12)[None]))[0, 8:]
+    assert not torch.allclose(windowless, want, atol=1e-3)              # the window matters here
