@@ -288,8 +288,7 @@ class LanguageModel(nn.Module):
         return F.linear(h, self.embed.weight)                      # tied embeddings
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        c = self.cfg
-        return KVCache((c.lm_layers, batch, c.lm_kv_heads, max_len, c.lm_dim // c.lm_heads))
+        return KVCache((self.cfg.lm_layers, batch, self.cfg.lm_kv_heads, max_len, self.cfg.lm_dim // self.cfg.lm_heads))
 
     def llava_text(self) -> tuple[dict, dict, torch.Tensor]:
         """(LlamaConfig fields, these weights under LlamaModel's names, lm_head weight) for the
