@@ -202,7 +202,6 @@ def image_preprocessing(source: str, tower: HFVisionTower) -> dict:
 
 class HFLanguageModel(nn.Module):
     """A transformers causal LM (optionally with peft LoRA adapters) behind LanguageModel's interface."""
-    elastic_cache = False       # transformers' own cache type: the engine runs fixed batches
     max_len = None              # positions are computed, not looked up: no hard context limit
 
     def __init__(self, model: nn.Module, source: str):
@@ -232,8 +231,8 @@ class HFLanguageModel(nn.Module):
         return self.hf_model.get_output_embeddings()(h)
 
     def new_cache(self, batch: int, max_len: int):
-        from transformers import DynamicCache
-        return DynamicCache(config=self.hf_model.config)
+        from hf_cache import StackedDynamicCache
+        return StackedDynamicCache()
 
     def llava_text(self):
         """(config, decoder weights, lm_head weight) for the LLaVA export; LoRA is merged first."""

@@ -6,12 +6,13 @@ One thread owns the model. Each loop it
   3. hands each job its new token; a job leaves the batch on its own (stop token, its own
      max_new_tokens, time limit, or cancelled because its client went away).
 
-When the language model declares `elastic_cache` (the built-in one) the batch is elastic: the
-KV cache is right-aligned (every row's newest token sits in the same column, shorter histories
-are padded on the left and hidden by the key mask), so a newly prefilled job is merged in between
-two steps and a finished row is cut out. Other language models (Hugging Face backbones) keep
-their own cache type, so there a batch is formed from whatever is waiting, runs until its last
-row finishes, and then the next one starts.
+The batch is elastic: the KV cache is right-aligned (every row's newest token sits in the same
+column, shorter histories are padded on the left and hidden by the key mask; positions are passed
+explicitly), so newly prefilled jobs are merged in between two steps and a finished row is cut
+out at once. The engine joins and cuts rows in one way for every language model: the cache that
+lm.new_cache() returns is seen as stacked (L, B, H_kv, T, hd) keys/values (cache.stacked()) and
+rebuilt from them (cache.from_stacked()), the built-in model.KVCache as well as the DynamicCache
+of a Hugging Face LLM (hf_cache.py).
 
 The engine knows nothing of HTTP: callers build a Job, submit() it, and receive events through
 the `publish` callback, called from the engine thread once per step with [(job, kind, value)]:
@@ -27,10 +28,9 @@ import time
 
 import torch
 
-from model import positions_and_mask, sample
+from model import GROW, positions_and_mask, sample
 
 log = logging.getLogger("engine")
-GROW = 64                                   # KV columns added at a time
 
 
 class QueueFull(Exception):
@@ -68,27 +68,6 @@ class Job:
                 "total_ms": ms(self.t_submit, self.t_end), "tokens_per_second": tps}
 
 
-class RowCache:
-    """KV cache for an elastic batch, with the interface LanguageModel uses (update(), len):
-    k, v: (L, B, H_kv, capacity, hd), columns [0, len) filled, right-aligned across rows."""
-
-    def __init__(self, k=None, v=None, length=0, shape=None):
-        self.k, self.v, self.len, self.shape = k, v, length, shape
-
-    def update(self, layer: int, k, v):                          # k, v: (B, H_kv, T_new, hd)
-        end = self.len + k.shape[2]
-        if self.k is None:
-            L, B, H, _, hd = self.shape
-            self.k = k.new_zeros(L, B, H, end + GROW, hd)
-            self.v = v.new_zeros(L, B, H, end + GROW, hd)
-        elif end > self.k.shape[3]:
-            self.k, self.v = (torch.cat([t, t.new_zeros(*t.shape[:3], end - t.shape[3] + GROW, t.shape[4])], 3)
-                              for t in (self.k, self.v))
-        self.k[layer, :, :, self.len:end] = k
-        self.v[layer, :, :, self.len:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
 def weights_for_few_rows(model: torch.nn.Module):
     """Store each language-model weight as the transpose of an (in, out) array. A decode step
     multiplies a few rows (one per running request) by every weight; given the usual (out, in)
@@ -113,11 +92,10 @@ class Engine:
         self.banned = torch.tensor(sorted(banned), dtype=torch.long, device=self.device)  # never sampled
         self.max_batch, self.max_queue = max_batch, max_queue
         self.publish = publish or (lambda events: None)
-        self.elastic = model.lm.elastic_cache          # else fixed batches (see the module docstring)
         self.cv = threading.Condition()
         self.waiting: collections.deque[Job] = collections.deque()
         self.closing = False
-        # the running batch: one entry per cache row (None = a finished row kept in a fixed batch)
+        # the running batch: one entry per cache row (None: finished, cut out by _compact)
         self.rows: list[Job | None] = []
         self.cache = self.key_mask = self.next_pos = self.last = None
         self.events = []
@@ -204,8 +182,6 @@ class Engine:
             if job.cancelled or (job.deadline is not None and now > job.deadline):
                 self.waiting.remove(job)
                 self._finish(job, "cancelled" if job.cancelled else "queue_timeout")
-        if not self.elastic and self.rows:
-            return []                               # a fixed batch runs to its end first
         room = self.max_batch - len(self.rows)
         new = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
         self.stats["active"] = len(self._running()) + len(new)
@@ -232,9 +208,7 @@ class Engine:
         for job in jobs:
             job.pixels = None                              # encoded now; free the memory
         positions, mask = positions_and_mask(am, (B, T))
-        longest = max(len(j.ids) + j.max_new_tokens for j in jobs)
-        cache = (RowCache(shape=(self.cfg.lm_layers, B, self.cfg.lm_kv_heads, 0, self.cfg.lm_dim // self.cfg.lm_heads))
-                 if self.elastic else self.model.lm.new_cache(B, longest))
+        cache = self.model.lm.new_cache(B, T + GROW)              # grows when full
         h = self.model.lm(x, positions.to(self.device), mask, cache)
         toks = self._sample(self.model.lm.logits(h[:, -1]).float(), jobs)
         keep = self._accept(jobs, toks)
@@ -243,30 +217,28 @@ class Engine:
         last = torch.tensor(toks, device=self.device)
         if not any(keep):
             return None
-        if not self.elastic:                       # a fixed batch keeps finished rows (as None)
-            return [j if k else None for j, k in zip(jobs, keep)], cache, key_mask, next_pos, last
-        idx = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=self.device)
-        cache.k, cache.v = cache.k.index_select(1, idx), cache.v.index_select(1, idx)
-        return [jobs[i] for i in idx.tolist()], cache, key_mask[idx], next_pos[idx], last[idx]
+        return [j if k else None for j, k in zip(jobs, keep)], cache, key_mask, next_pos, last
 
     def _merge(self, jobs, cache, key_mask, next_pos, last):
-        """Join prefilled rows to the running batch, right-aligning both caches (an empty batch,
-        which is the only case for a fixed batch, simply takes them)."""
+        """Join prefilled rows (None: finished already) to the running batch, right-aligning both
+        caches; an empty batch simply takes them."""
         if not self.rows:
             self.rows, self.cache, self.key_mask, self.next_pos, self.last = jobs, cache, key_mask, next_pos, last
             return
-        old, T = self.cache, max(self.cache.len, cache.len)
-        L, _, H, _, hd = old.k.shape
+        parts = (self.cache.stacked(), cache.stacked())
+        T = max(n for _, _, n in parts)
+        L, _, H, _, hd = parts[0][0].shape
         B = len(self.rows) + len(jobs)
-        k = old.k.new_zeros(L, B, H, T + GROW, hd)
+        k = parts[0][0].new_zeros(L, B, H, T + GROW, hd)    # spare columns: room for the next steps
         v = torch.zeros_like(k)
         mask = torch.zeros(B, T, dtype=torch.bool, device=self.device)
-        for rows, part, m in ((slice(0, len(self.rows)), old, self.key_mask), (slice(len(self.rows), B), cache, key_mask)):
-            k[:, rows, :, T - part.len:T] = part.k[:, :, :, :part.len]
-            v[:, rows, :, T - part.len:T] = part.v[:, :, :, :part.len]
-            mask[rows, T - part.len:] = m[:, :part.len]
+        for rows, (pk, pv, n), m in zip((slice(0, len(self.rows)), slice(len(self.rows), B)), parts,
+                                        (self.key_mask, key_mask)):
+            k[:, rows, :, T - n:T] = pk[:, :, :, :n]
+            v[:, rows, :, T - n:T] = pv[:, :, :, :n]
+            mask[rows, T - n:] = m
         self.rows = self.rows + jobs
-        self.cache = RowCache(k, v, T)
+        self.cache = self.cache.from_stacked(k, v, T)
         self.key_mask = mask
         self.next_pos = torch.cat([self.next_pos, next_pos])
         self.last = torch.cat([self.last, last])
@@ -295,22 +267,20 @@ class Engine:
         self._compact()
 
     def _compact(self):
-        """Elastic batch: cut out finished rows and the left columns no row needs any more.
-        Fixed batch: drop it once every row has finished."""
+        """Cut out finished rows and the left columns no row needs any more."""
         if not self._running():
             self.rows, self.cache = [], None
             return
-        if not self.elastic or None not in self.rows:
+        if None not in self.rows:
             return
         idx = torch.tensor([i for i, j in enumerate(self.rows) if j is not None], device=self.device)
         self.rows = [j for j in self.rows if j is not None]
         self.key_mask = self.key_mask.index_select(0, idx)
         self.next_pos, self.last = self.next_pos.index_select(0, idx), self.last.index_select(0, idx)
-        c = self.cache
         first = int(self.key_mask.any(0).int().argmax())        # leftmost column some row still uses
-        c.k = c.k.index_select(1, idx)[:, :, :, first:]
-        c.v = c.v.index_select(1, idx)[:, :, :, first:]
-        c.len -= first
+        k, v, n = self.cache.stacked()
+        self.cache = self.cache.from_stacked(k.index_select(1, idx)[:, :, :, first:],
+                                             v.index_select(1, idx)[:, :, :, first:], n - first)
         self.key_mask = self.key_mask[:, first:]
 
     def _sample(self, logits, jobs) -> list[int]:
@@ -318,10 +288,8 @@ class Engine:
             logits[:, self.banned] = float("-inf")
         toks = logits.argmax(-1)
         for i, job in enumerate(jobs):
-            if job is not None and job.temperature > 0:
+            if job.temperature > 0:
                 toks[i] = sample(logits[i:i + 1], job.temperature, job.top_k, job.top_p, job.generator)[0]
-            elif job is None:
-                toks[i] = self.cfg.pad_token_id
         return toks.tolist()
 
     def _accept(self, jobs, toks) -> list[bool]:
@@ -329,9 +297,6 @@ class Engine:
         now = time.monotonic()
         keep = []
         for job, tok in zip(jobs, toks):
-            if job is None:
-                keep.append(False)
-                continue
             if job.t_first is None:
                 job.t_first = now
             if tok in self.stop_ids:

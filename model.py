@@ -182,28 +182,42 @@ def rope_table(max_len: int, head_dim: int, theta: float):
     return ang.cos(), ang.sin()
 
 
+GROW = 64                                   # KV cache columns added at a time
+
+
 def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, -1)
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: (L, B, H_kv, T_max, hd), filled left to right.
-    Allocated on first use so it takes the dtype attention actually runs in."""
+    """Keys/values for every layer: k, v (L, B, H_kv, capacity, hd), columns [0, len) filled;
+    rows of different lengths are right-aligned (shorter histories padded on the left). Allocated
+    on first use, so it takes the dtype attention runs in; grown by GROW columns when full (the
+    server's engine joins rows mid-way, so it can't know the final length)."""
 
-    def __init__(self, cfg: VLMConfig, batch: int, max_len: int):
-        self.shape = (cfg.lm_layers, batch, cfg.lm_kv_heads, max_len, cfg.lm_dim // cfg.lm_heads)
-        self.k = self.v = None
-        self.len = 0                                             # filled positions
+    def __init__(self, shape, k=None, v=None, length=0):
+        self.shape, self.k, self.v, self.len = shape, k, v, length
 
     def update(self, layer: int, k, v):                          # k, v: (B, H_kv, T_new, hd)
-        if self.k is None:
-            self.k = k.new_zeros(self.shape)
-            self.v = v.new_zeros(self.shape)
         end = self.len + k.shape[2]
+        if self.k is None:
+            self.k, self.v = k.new_zeros(self.shape), v.new_zeros(self.shape)
+        if end > self.k.shape[3]:
+            self.k, self.v = (torch.cat([t, t.new_zeros(*t.shape[:3], end - t.shape[3] + GROW, t.shape[4])], 3)
+                              for t in (self.k, self.v))
         self.k[layer, :, :, self.len:end] = k
         self.v[layer, :, :, self.len:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def stacked(self):
+        """(k, v, length): k, v (L, B, H_kv, >= length, hd) with columns [0, length) filled."""
+        return self.k, self.v, self.len
+
+    @classmethod
+    def from_stacked(cls, k, v, length: int) -> "KVCache":
+        """A cache continuing from stacked() tensors (columns past length are room to grow)."""
+        return cls(k.shape, k, v, length)
 
 
 class DecoderBlock(nn.Module):
@@ -246,7 +260,6 @@ class DecoderBlock(nn.Module):
 
 class LanguageModel(nn.Module):
     source = None               # built here: the weights live only in our checkpoint
-    elastic_cache = True        # KVCache's layout: a server may join and cut rows between steps (engine.py)
 
     def __init__(self, cfg: VLMConfig):
         super().__init__()
@@ -275,7 +288,7 @@ class LanguageModel(nn.Module):
         return F.linear(h, self.embed.weight)                      # tied embeddings
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.cfg, batch, max_len)
+        return KVCache((self.cfg.lm_layers, batch, self.cfg.lm_kv_heads, max_len, self.cfg.lm_dim // self.cfg.lm_heads))
 
     def llava_text(self) -> tuple[dict, dict, torch.Tensor]:
         """(LlamaConfig fields, these weights under LlamaModel's names, lm_head weight) for the
@@ -307,8 +320,9 @@ class VLM(nn.Module):
       vision(pixels) -> (B, N, vit_dim); it declares has_cls (a CLS token was dropped), feature_layer,
         source (where pretrained weights come from; None: built here) and llava_vision() for export.
       lm(embeds, positions, mask, cache, q_from) -> hidden states; lm.embed(ids), lm.logits(hidden),
-        lm.new_cache(batch, max_len); it declares max_len (None: no fixed context), elastic_cache
-        (the engine may join/cut cache rows), source, and llava_text() for export."""
+        lm.new_cache(batch, max_len) -> a cache with stacked() / from_stacked() (its keys and values as
+        (L, B, H_kv, T, hd) tensors and back: the server's engine joins and cuts rows that way);
+        it declares max_len (None: no fixed context), source, and llava_text() for export."""
 
     def __init__(self, cfg: VLMConfig, vision: nn.Module | None = None, lm: nn.Module | None = None):
         super().__init__()

@@ -5,10 +5,14 @@ phase several times faster: the engine decodes all running requests in one forwa
     python bench/bench_serve.py                      # preset tiny (the demo's architecture), untrained
     python bench/bench_serve.py --preset micro       # almost no arithmetic: the engine's own cost
     python bench/bench_serve.py --checkpoint checkpoints/vision_trained_model.pt
+    python bench/bench_serve.py --hf-tiny            # CLIP + Hugging Face Llama, the preset's LLM sizes
 
 Without --checkpoint a model of train_vision.py's --preset is built with random weights, so the
-run needs no training; its greedy answers rarely hit the end token and so run to
---max-new-tokens (a trained model answers shorter). The two ways alternate for --rounds rounds
+run needs no training; --hf-tiny instead saves a tiny CLIP tower and a Llama (tests/tiny_hf.py,
+the LLM sized as the preset's) to folders, builds the model from them with the real loading code
+(backbones.build_vlm) and serves that checkpoint, so the engine batches a transformers LLM.
+An untrained model's greedy answers rarely hit the end token and so run to --max-new-tokens (a
+trained model answers shorter). The two ways alternate for --rounds rounds
 so a change in machine load hits both. Prints requests/s, tokens/s, p50/p99 latency per way and
 the throughput ratio; exits 1 when the ratio is below --min-ratio.
 """
@@ -47,6 +51,20 @@ def fresh_checkpoint(path: Path, preset: str = "tiny") -> Path:
     torch.manual_seed(0)
     save_checkpoint(path, VLM(cfg), tok, {"lang": "zh", "data": "none (benchmark)"})
     return path
+
+
+def hf_tiny_checkpoint(folder: Path, preset: str = "tiny") -> Path:
+    """CLIP + Llama folders as a user's downloads would be (built from configs, never downloaded),
+    loaded as backbones and saved as one of our checkpoints; the Llama has the preset's LLM sizes."""
+    from backbones import build_vlm
+    from tests.tiny_hf import save_clip, save_llama
+    c = VLMConfig(**PRESETS[preset])
+    llama = save_llama(folder / "llama", hidden_size=c.lm_dim, intermediate_size=c.lm_hidden,
+                       num_hidden_layers=c.lm_layers, num_attention_heads=c.lm_heads, num_key_value_heads=c.lm_kv_heads)
+    torch.manual_seed(0)
+    model, tok = build_vlm(str(save_clip(folder / "clip")), str(llama))
+    save_checkpoint(folder / "bench.pt", model, tok, {"lang": "zh", "data": "none (benchmark)"})
+    return folder / "bench.pt"
 
 
 def requests_for(n: int, size: int) -> list[tuple[bytes, str]]:
@@ -108,7 +126,11 @@ def merge(runs: list[dict]) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="服务吞吐基准：同一批请求先逐个发送，再由 8 个并发客户端发送，比较吞吐量。")
-    p.add_argument("--checkpoint", help="模型文件（默认：临时生成一个 tiny 结构、未训练的模型）")
+    m = p.add_mutually_exclusive_group()
+    m.add_argument("--checkpoint", help="模型文件（默认：临时生成一个 tiny 结构、未训练的模型）")
+    m.add_argument("--hf-tiny", action="store_true",
+                   help="改用临时生成的 CLIP 视觉塔 + Hugging Face Llama（未训练，语言模型大小同 --preset），"
+                        "测 transformers 语言模型的批量生成")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                    help="不给 --checkpoint 时生成的模型大小（默认 tiny，即演示模型的结构）")
     p.add_argument("--clients", type=int, default=8, help="并发客户端数（默认 8）")
@@ -120,7 +142,8 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(a.checkpoint) if a.checkpoint else fresh_checkpoint(Path(tmp) / "bench.pt", a.preset)
+        ckpt = (Path(a.checkpoint) if a.checkpoint else hf_tiny_checkpoint(Path(tmp), a.preset) if a.hf_tiny
+                else fresh_checkpoint(Path(tmp) / "bench.pt", a.preset))
         cfg_size = torch.load(ckpt, map_location="cpu", weights_only=True)["config"]["vit_image_size"]
         port = free_port()
         base = f"http://127.0.0.1:{port}"
@@ -157,7 +180,8 @@ def main(argv=None):
     rows_during, steps_during = rows, steps
     ratio = many["req_per_s"] / one["req_per_s"]
     same = sum(x == y for x, y in zip(one["texts"], many["texts"]))
-    print(f"模型 {f'未训练的 {a.preset} 结构' if not a.checkpoint else a.checkpoint}，每轮 {a.requests} 个请求 × {a.rounds} 轮，"
+    name = a.checkpoint or f"未训练的 {a.preset} 结构" + ("（CLIP + Hugging Face Llama）" if a.hf_tiny else "")
+    print(f"模型 {name}，每轮 {a.requests} 个请求 × {a.rounds} 轮，"
           f"max_new_tokens={a.max_new_tokens}，{os.cpu_count()} 个 CPU 核")
     print(f"{'方式':<14}{'用时(s)':>9}{'请求/s':>9}{'token/s':>10}{'p50(ms)':>10}{'p99(ms)':>10}{'生成token':>10}")
     for name, r in (("逐个发送", one), (f"{a.clients} 个并发", many)):

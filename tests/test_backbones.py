@@ -200,8 +200,17 @@ def test_parts_declare_what_they_have(hf, tok):
     assert (ours.vision.has_cls, ours.vision.feature_layer, ours.vision.source) == (True, -1, None)
     assert (clip_qwen.vision.has_cls, clip_qwen.vision.feature_layer, clip_qwen.vision.source) == (True, -2, hf["clip"])
     assert not siglip.vision.has_cls and siglip.lm.source is None
-    assert (ours.lm.elastic_cache, ours.lm.max_len, ours.lm.source) == (True, ours.cfg.lm_max_len, None)
-    assert (clip_qwen.lm.elastic_cache, clip_qwen.lm.max_len, clip_qwen.lm.source) == (False, None, hf["qwen2"])
+    assert (ours.lm.max_len, ours.lm.source) == (ours.cfg.lm_max_len, None)
+    assert (clip_qwen.lm.max_len, clip_qwen.lm.source) == (None, hf["qwen2"])
+    for lm in (ours.lm, clip_qwen.lm):         # the engine's view of a cache: stacked tensors, and back
+        cache = lm.new_cache(2, 8)
+        lm(lm.embed(torch.tensor([[5, 6, 7], [8, 9, 10]])), torch.arange(3).expand(2, 3), None, cache)
+        k, v, n = cache.stacked()
+        assert n == 3 and k.shape[:3] == v.shape[:3] == (2, 2, 2) and k.shape[3] >= 3   # (L, B, H_kv, T, hd)
+        second_row = cache.from_stacked(k[:, 1:], v[:, 1:], n)
+        step = lm(lm.embed(torch.tensor([[11]])), torch.tensor([[3]]), None, second_row)
+        whole = lm(lm.embed(torch.tensor([[8, 9, 10, 11]])), torch.arange(4)[None], None, lm.new_cache(1, 4))
+        assert torch.allclose(step[0, -1], whole[0, -1], atol=1e-5)
     for part in (ours.vision, clip_qwen.vision):
         config, weights = part.llava_vision()
         assert weights and config is not None

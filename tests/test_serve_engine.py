@@ -67,36 +67,70 @@ def model(tok, one_thread):
     return VLM(tiny_config(tok)).eval()
 
 
-def test_batched_equals_one_at_a_time(model, tok):
-    """Mixed prompt lengths, with and without images, different max_new_tokens, arriving at
-    different moments (so rows join a running batch): every answer matches generate() alone."""
-    stop = {tok.eos_id, tok.user_id}
-    specs = [("描述这张图片", True, 30), ("图里有几个形状？", True, 5), ("hello there, what is this", False, 40),
-             ("红色", True, 1), ("一个很长的问题，" * 6, True, 25), ("左上角是什么颜色", True, 18)]
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    from tests.tiny_hf import save_llama, save_qwen2
+    d = tmp_path_factory.mktemp("hf")
+    return {"llama": save_llama(d / "llama", head_dim=16), "qwen2": save_qwen2(d / "qwen2")}
+
+
+@pytest.fixture(params=["built-in", "llama", "qwen2"])
+def any_lm(request, tok, one_thread):
+    """(model, tokenizer): the built-in language model, or a tiny Hugging Face one behind a new
+    built-in ViT: a Llama whose head_dim (16) is not hidden_size / heads (8), or a Qwen2-style
+    one (q/k/v biases, tied embeddings)."""
+    torch.manual_seed(0)
+    if request.param == "built-in":
+        return VLM(tiny_config(tok)).eval(), tok
+    from backbones import build_vlm
+    from model import VLMConfig
+    model, hf_tok = build_vlm(lm_source=str(request.getfixturevalue("hf_folders")[request.param]),
+                              scratch_cfg=VLMConfig(vit_image_size=16, vit_patch_size=4, vit_dim=32, vit_layers=1,
+                                                    vit_heads=2))
+    return model.eval(), hf_tok
+
+
+def test_batched_equals_one_at_a_time(any_lm):
+    """Eight requests of mixed prompt lengths, with and without images, different max_new_tokens:
+    the later ones arrive in pairs while the first is mid-answer, so each pair is prefilled as one
+    left-padded batch and joins the running one (short answers leave it early). Every answer
+    matches generate() on that request alone."""
+    model, tok = any_lm
+    stop = {tok.eos_id} | ({tok.user_id} if hasattr(tok, "user_id") else set())
+    specs = [("描述这张图片", True, 40), ("图里有几个形状？", True, 5), ("hello there, what is this", False, 30),
+             ("红色", True, 1), ("一个很长的问题，" * 6, True, 25), ("左上角是什么颜色", True, 18),
+             ("What is in the picture?", False, 12), ("two blue squares", True, 9)]
     jobs_in = [(prompt(tok, model, text, img), image(model, i) if img else None, n)
                for i, (text, img, n) in enumerate(specs)]
     expected = [reference(model, ids, px, n, stop) for ids, px, n in jobs_in]
+    assert len(expected[0]) >= len(specs)              # the first runs while all others arrive
     sink = Collect()
-    engine = Engine(model, stop, max_batch=4, max_queue=8, publish=sink).start()
+    engine = Engine(model, stop, max_batch=8, max_queue=8, publish=sink).start()
     # expected came from the usual (out, in) weights; the engine decodes from the transposed layout
-    assert model.lm.blocks[0].qkv.weight.stride() == (1, model.lm.blocks[0].qkv.out_features)
+    linear = next(m for m in model.lm.modules() if isinstance(m, torch.nn.Linear))
+    assert linear.weight.stride() == (1, linear.out_features)
+    jobs = [Job(ids, px, max_new_tokens=n, stream=True) for ids, px, n in jobs_in]
+    streamed = lambda job: [v for j, kind, v in sink.events if j is job and kind == "token"]
     try:
-        jobs = []
-        for k, (ids, px, n) in enumerate(jobs_in):
-            jobs.append(Job(ids, px, max_new_tokens=n, stream=True))
-            engine.submit(jobs[-1])
-            time.sleep(0.01 * (k % 3))               # some arrive while others are mid-answer
+        engine.submit(jobs[0])
+        for k in range(1, len(jobs), 2):               # two more every two tokens of the first
+            with sink.cv:
+                assert sink.cv.wait_for(lambda: len(streamed(jobs[0])) >= k, timeout=30)
+            with engine.cv:                            # both wait, so they prefill as one padded batch
+                for job in jobs[k:k + 2]:
+                    engine.submit(job)
         sink.wait(jobs)
     finally:
         engine.close()
     for job, want, (_, _, n) in zip(jobs, expected, jobs_in):
         assert job.tokens == want
         assert job.finish_reason == ("length" if len(want) == n else "stop")
-        streamed = [v for j, kind, v in sink.events if j is job and kind == "token"]
-        assert streamed == job.tokens
+        assert streamed(job) == job.tokens
+    assert all(jobs[0].t_first < job.t_start < jobs[0].t_end for job in jobs[1:])   # joined mid-way
+    assert all(jobs[k].t_start == jobs[k + 1].t_start for k in (1, 3, 5))           # prefilled in pairs
     stats = engine.snapshot()
     assert stats["completed"] == len(specs)
-    assert stats["mean_batch"] > 1.0                   # rows really shared decode steps
+    assert stats["mean_batch"] > 2.0                   # rows really shared decode steps
 
 
 def test_jobs_with_several_images_share_one_prefill(model, tok):
@@ -174,35 +208,6 @@ def test_queue_limit_cancel_and_time_limit(model, tok):
     assert stats["rejected"] == 1 and stats["cancelled"] == 2 and stats["active"] == 0
 
 
-def test_fixed_batch_with_a_hugging_face_language_model(tmp_path, one_thread):
-    """A Hugging Face LM keeps its own cache type: the engine then runs fixed batches (no joining
-    mid-way). Answers still match generate() alone, and later jobs are served after the batch."""
-    from backbones import build_vlm
-    from model import VLMConfig
-    from tests.tiny_hf import save_llama
-    model, tok = build_vlm(lm_source=str(save_llama(tmp_path / "llama")),
-                           scratch_cfg=VLMConfig(vit_image_size=16, vit_patch_size=4, vit_dim=32, vit_layers=1, vit_heads=2))
-    model.eval()
-    stop = {tok.eos_id}
-    specs = [("描述这张图片。", 12), ("What is in the picture?", 7), ("two blue squares", 15)]
-    jobs_in = [(tok.encode_chat([{"role": "user", "content": t}], model.cfg.image_tokens, 1, True)[0],
-                image(model, i), n) for i, (t, n) in enumerate(specs)]
-    expected = [reference(model, ids, px, n, stop) for ids, px, n in jobs_in]
-    sink = Collect()
-    engine = Engine(model, stop, max_batch=2, publish=sink)
-    assert not engine.elastic
-    jobs = [Job(ids, px, max_new_tokens=n) for ids, px, n in jobs_in]
-    for j in jobs:
-        engine.submit(j)
-    engine.start()
-    try:
-        sink.wait(jobs)
-    finally:
-        engine.close()
-    assert [j.tokens for j in jobs] == expected and all(expected)
-    assert jobs[2].t_start >= max(jobs[0].t_end, jobs[1].t_end)      # the third waited for the first batch
-
-
 def test_a_failing_step_fails_its_jobs_and_the_engine_keeps_serving(model, tok):
     ids = prompt(tok, model, "描述这张图片", with_image=False)
     sink = Collect()
@@ -248,3 +253,33 @@ def test_a_bad_new_job_fails_alone(model, tok):
     assert bad.finish_reason == "error"
     assert running.finish_reason in ("length", "stop") and running.t_end > bad.t_end
     assert running.tokens == reference(model, ids, None, 150, {tok.eos_id})
+
+
+def test_a_sliding_window_llm_keeps_its_window_in_the_stacked_cache(one_thread):
+    """hf_cache keeps every column (so layers stack); transformers still masks by the window from
+    the config, in cache columns, which left padding shifts alike for query and keys. Decoding a
+    left-padded prompt of a Mistral with a 4-token window equals its full forward without cache."""
+    from transformers import MistralConfig, MistralForCausalLM
+    from backbones import HFLanguageModel
+    from model import positions_and_mask
+    torch.manual_seed(0)
+    lm = HFLanguageModel(MistralForCausalLM(MistralConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4, attn_implementation="sdpa")).eval(), "mistral")
+    ids = torch.randint(3, 100, (1, 12))
+    with torch.inference_mode():
+        want = lm.logits(lm(lm.embed(ids), torch.arange(12)[None]))[0, 8:]
+        am = torch.tensor([[0, 0, 0] + [1] * 9])                 # 3 pad columns on the left
+        positions, mask = positions_and_mask(am, (1, 12))
+        cache = lm.new_cache(1, 12)
+        h = lm(lm.embed(torch.cat([torch.zeros(1, 3, dtype=torch.long), ids[:, :9]], 1)), positions, mask, cache)
+        got, key_mask = [lm.logits(h[0, -1])], am.bool()
+        for t in (9, 10, 11):
+            key_mask = torch.cat([key_mask, key_mask.new_ones(1, 1)], 1)
+            cache = cache.from_stacked(*cache.stacked())          # as after a merge or a cut
+            got.append(lm.logits(lm(lm.embed(ids[:, t:t + 1]), torch.tensor([[t]]), key_mask[:, None, None, :],
+                                    cache)[0, -1]))
+    assert torch.allclose(torch.stack(got), want, atol=1e-5)
+    lm.hf_model.config.sliding_window = None
+    windowless = lm.logits(lm(lm.embed(ids), torch.arange(12)[None]))[0, 8:]
+    assert not torch.allclose(windowless, want, atol=1e-3)              # the window matters here

@@ -31,18 +31,19 @@ def _bpe(specials):
     return tok
 
 
-def save_llama(path: Path, seed: int = 0, template: bool = True) -> Path:
-    """template=False: a base model that ships without a chat template."""
+def save_llama(path: Path, seed: int = 0, template: bool = True, **config) -> Path:
+    """template=False: a base model that ships without a chat template; config: LlamaConfig
+    fields that differ from the tiny defaults (e.g. hidden_size, head_dim)."""
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     tok = PreTrainedTokenizerFast(tokenizer_object=_bpe(specials), bos_token="<|begin_of_text|>",
                                   eos_token="<|end_of_text|>")
     tok.chat_template = LLAMA_TEMPLATE if template else None
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                         tie_word_embeddings=False))
+    model = LlamaForCausalLM(LlamaConfig(**{**dict(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, tie_word_embeddings=False), **config}))
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
