@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import pickle
 import shutil
@@ -142,7 +143,7 @@ def backbones_entry(model: VLM, state: dict, delta: bool) -> tuple[dict, dict]:
     if delta:
         frozen = backbone_keys(model, frozen_only=True)
         state = {k: v for k, v in state.items() if k not in frozen}
-        entry["fingerprint"] = fingerprint(model, frozen)
+        entry["fingerprint"] = fingerprint(model, frozen, torch.bfloat16)   # the same if training held it in bf16
     for part in ("vision", "lm"):                         # JSON text: plain types for weights_only loading
         if entry[part] is not None:
             entry[part]["config"] = json.dumps(entry[part]["config"].to_dict(), default=str)
@@ -158,11 +159,13 @@ def backbone_keys(model: VLM, frozen_only: bool = False) -> set[str]:
 
 
 @torch.no_grad()
-def fingerprint(model: VLM, keys: set[str]) -> float:
-    """Sum of the base weights (accumulated in float64 without copying them): a cheap check that
-    the base a delta checkpoint refers to is still the one it was trained on."""
+def fingerprint(model: VLM, keys: set[str], dtype=None) -> float:
+    """Sum of the base weights (accumulated in float64), each rounded to `dtype` if given: a cheap
+    check that the base a delta checkpoint refers to is still the one it was trained on. Rounded
+    to bf16 it is the same whether training held the frozen base in fp32 or in bf16
+    (devices.store_frozen_in)."""
     state = model.state_dict()
-    return sum(float(state[k].sum(dtype=torch.float64)) for k in sorted(keys))
+    return sum(float(state[k].to(dtype or state[k].dtype).sum(dtype=torch.float64)) for k in sorted(keys))
 
 
 def save_checkpoint(path, model: VLM, tokenizer: Tokenizer, meta: dict | None = None):
@@ -292,8 +295,8 @@ def load_weights(model: VLM, obj: dict, path="检查点"):
     missing = [k for k in missing if k not in base]
     if missing or unexpected:
         raise UserError(f"{path} 的权重与模型结构不符：缺少 {sorted(missing)[:5]}，多余 {sorted(unexpected)[:5]}。")
-    if base and not torch.isclose(torch.tensor(fingerprint(model, base), dtype=torch.float64),
-                                  torch.tensor(entry["fingerprint"], dtype=torch.float64), rtol=1e-6, atol=1e-3):
+    same = lambda dtype: math.isclose(fingerprint(model, base, dtype), entry["fingerprint"], rel_tol=1e-6, abs_tol=1e-3)
+    if base and not any(same(dtype) for dtype in (torch.bfloat16, None)):       # None: files before bf16 sums
         sources = ", ".join(e["source"] for e in (entry["vision"], entry["lm"]) if e)
         raise UserError(f"{path} 只存了训练改动的部分，但它引用的基础模型（{sources}）的权重和训练时不一样。"
                         f"请换回训练时用的基础模型。")

@@ -55,3 +55,18 @@ def default_workers() -> int:
     """On small machines the main process decodes as fast as a worker and doesn't compete."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return 0 if cpus <= 2 else min(8, cpus // 2)
+
+
+def store_frozen_in(model: torch.nn.Module, dtype) -> int:
+    """Keep frozen weight matrices in the compute dtype (bf16/fp16); trainable parameters stay
+    fp32, and so do norms and biases (tiny; a CPU layer norm wants them in its input's fp32). Under
+    autocast a frozen fp32 weight is cast again on every forward and the cast copy is kept for the
+    backward beside the original (6 bytes per parameter); stored in bf16 it is used as it is (2).
+    Everything else is copied too, so no tensor still points into a memory-mapped weights file
+    (transformers maps safetensors) and the fp32 pages can leave. Returns the parameters converted."""
+    n = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        cast = isinstance(t, torch.nn.Parameter) and not t.requires_grad and t.ndim >= 2 and t.is_floating_point()
+        t.data = t.data.to(dtype, copy=True) if cast else t.data.clone()
+        n += t.numel() if cast else 0
+    return n

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from checkpoint import (ResumeWriter, check_writable, claim_output, load_resume, resume_bytes, resume_path,
                         resume_state, save_checkpoint)
-from devices import autocast_dtype, default_workers, resolve_device
+from devices import autocast_dtype, default_workers, resolve_device, store_frozen_in
 from distributed import all_reduce, init_distributed, rank_keys
 from errors import UserError
 from feature_cache import CachedTower
@@ -132,6 +132,8 @@ class Trainer:
         self.dtype = autocast_dtype(self.device, cfg.precision)
         torch.manual_seed(cfg.seed)
         self.model = model.to(self.device)
+        if self.dtype == torch.bfloat16 and self.meta.get("weights") == "delta":   # frozen base: never stored
+            store_frozen_in(self.model, self.dtype)
         self.aux = aux.to(self.device) if aux is not None else None
         self.feature_cache = self.cache_for(self.model.vision)
         self.net = self.training_step(train_data, val_data)
@@ -382,7 +384,7 @@ class Trainer:
         if self.on_epoch_end is None or not self.is_main:
             return EpochReport()
         self.model.eval()
-        with self.cached_features():
+        with self.autocast(), self.cached_features():
             report = self.on_epoch_end(self.model, epoch) or EpochReport()
         self.model.train()
         return report

@@ -98,3 +98,31 @@ def test_a_config_out_of_sane_bounds_is_refused_before_allocating(tiny, tok, tmp
         load_checkpoint(path)
     msg = str(e.value)
     assert key in msg and str(path) in msg and len(msg.splitlines()) == 1, msg
+
+
+@pytest.mark.parametrize("train,weights", [("projector", "delta"), ("lora", "delta"), ("projector", "full")])
+def test_bf16_training_holds_a_frozen_base_in_bf16_and_its_delta_checkpoint_loads(train, weights, tmp_path):
+    """A base the checkpoint does not store is held in bf16 while training in bf16 (no fp32
+    original beside autocast's copies); the trained parts stay fp32, and the saved delta still
+    matches its fp32 base on load. A full checkpoint stores the base, so it stays fp32."""
+    import backbones
+    import scenes
+    import tiny_hf
+    from collate import Collator
+    from trainer import TrainConfig, Trainer
+    model, tok = backbones.build_vlm(str(tiny_hf.save_clip(tmp_path / "clip")), str(tiny_hf.save_llama(tmp_path / "llama")))
+    backbones.configure_training(model, train, 1e-3, lora_r=4)
+    data = scenes.SceneDataset(16, "train", 0, "en", model.cfg.vit_image_size)
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-3, output=str(tmp_path / "m.pt"), precision="bf16", workers=0,
+                      feature_cache_gb=0)
+    trainer = Trainer(model, tok, data, Collator(tok, model.cfg), cfg, val_data=data, meta={"weights": weights},
+                      log=lambda *a: None)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.ndim >= 2}
+    assert frozen == ({torch.bfloat16} if weights == "delta" else {torch.float32})
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    trainer.fit()
+    assert trainer.best < 20
+    loaded, _, _ = load_checkpoint(tmp_path / "m.pt")                 # the base's fingerprint checks out
+    for (name, a), b in zip(model.named_parameters(), loaded.parameters()):
+        if a.requires_grad:
+            assert torch.equal(a, b), name
