@@ -152,11 +152,9 @@ class Trainer:
         self.warmup_steps = max(1, int(cfg.warmup * self.total_steps))
         self.workers = default_workers() if cfg.workers < 0 else cfg.workers
         self.loaders: dict[tuple[int, bool], DataLoader] = {}      # (id(data), shuffle) -> its one loader
-        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.seen_in_epoch = 0                                     # samples of this epoch consumed, all ranks
-        self.best = float("inf")
+        self.step, self.epoch, self.batch_in_epoch, self.seen_in_epoch = 0, 0, 0, 0   # seen: samples, all ranks
+        self.best, self.stop_signal = float("inf"), None
         self.bad_steps = self.skipped = 0                          # non-finite steps: in a row, in all
-        self.stop_signal = None
         self.log_path = Path(cfg.output).with_suffix(".log.jsonl")
         self.saver, self.saved_at, self.resuming = ResumeWriter(cfg.output), time.monotonic(), cfg.resume
 
