@@ -26,6 +26,9 @@ from server.connection import BoundedHttp
 from server.settings import OPTIONS, Settings, build_parser, settings_from
 
 HERE = Path(__file__).resolve().parent
+# uvicorn options of both ways to run (with and without --reload): our connection class bounds the
+# request headers' bytes and time (server/connection.py); a stuck request may delay exit 3 s.
+UVICORN = {"http": BoundedHttp, "timeout_graceful_shutdown": 3}
 __all__ = [                         # what tests and tools import from here
     "create_app", "build_parser", "settings_from", "main", "app_from_env", "UserError"]
 
@@ -79,12 +82,11 @@ def main(argv=None):
             os.environ[env] = ("1" if value else "") if kind is bool else str(value)
         uvicorn.run("serve:app_from_env", factory=True, host=settings.host, port=settings.port, reload=True,
                     reload_dirs=[str(HERE)], reload_includes=["*.py"], log_level=settings.log_level,
-                    reload_excludes=[".venv", "data", "checkpoints", "web", "tests"],
-                    timeout_graceful_shutdown=3)
+                    reload_excludes=[".venv", "data", "checkpoints", "web", "tests"], **UVICORN)
         return
     app = create_app(settings, obj)
     http_server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                                                timeout_graceful_shutdown=3, http=BoundedHttp))
+                                                **UVICORN))
     app.state.server.on_fatal = lambda: setattr(http_server, "should_exit", True)
     http_server.run()
     if app.state.server.failed:

@@ -314,8 +314,12 @@ def test_queue_full_then_time_limit(servers):
 
 def test_client_disconnect_frees_its_slot(servers):
     """A client that leaves mid-answer (streaming, or waiting for a whole answer) is cancelled
-    at once instead of decoding its 4000 tokens for nobody."""
-    before = health(servers.base)["engine"].get("cancelled", 0)
+    at once instead of decoding its 4000 tokens for nobody: the engine makes at most one more
+    token for it (the step under way when it learnt of the cancel), and the log stays quiet."""
+    log = servers.dir / "main.log"
+    start = log.stat().st_size
+    engine = health(servers.base)["engine"]
+    before, after_cancel = engine.get("cancelled", 0), engine.get("tokens_after_cancel", 0)
     with httpx.Client(timeout=30) as c:
         with c.stream("POST", servers.base + "/v1/generate", json={"prompt": "x", "max_new_tokens": 4000,
                                                                     "stream": True}) as r:
@@ -330,6 +334,9 @@ def test_client_disconnect_frees_its_slot(servers):
             break
         time.sleep(0.05)
     assert engine.get("cancelled", 0) == before + 2 and engine["active"] == 0, engine
+    assert engine["tokens_after_cancel"] - after_cancel <= 2, engine            # one step each at most
+    written = log.read_bytes()[start:].decode(errors="replace")
+    assert "Traceback" not in written and "exception" not in written.lower(), written[-3000:]
 
 
 def test_remote_image_when_enabled(servers):
@@ -468,6 +475,32 @@ def test_flags_win_over_environment_which_wins_over_defaults(monkeypatch):
     monkeypatch.setenv("SERVE_PORT", "eighty")
     with pytest.raises(serve.UserError, match="SERVE_PORT"):
         serve.settings_from(serve.build_parser().parse_args([]))
+
+
+def test_reload_mode_gets_the_same_connection_limits(servers, monkeypatch):
+    """`serve.py --reload` (make serve-dev) starts uvicorn another way; it too runs our connection
+    class (the request headers' size and time limits, server/connection.py), with the same options."""
+    import uvicorn
+
+    import serve
+    from server.connection import BoundedHttp
+    seen = {}
+
+    class Plain:
+        def __init__(self, config):
+            seen["plain"] = config
+
+        def run(self):
+            pass
+    monkeypatch.setattr(os, "environ", dict(os.environ))         # --reload hands its settings on in it
+    monkeypatch.setattr(sys, "setswitchinterval", lambda seconds: None)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: seen.update(reload=options))
+    monkeypatch.setattr(uvicorn, "Server", Plain)
+    args = ["--checkpoint", str(servers.ckpt), "--port", str(free_port())]
+    serve.main(args + ["--reload"])
+    serve.main(args)
+    assert seen["reload"]["reload"] and seen["reload"]["http"] is BoundedHttp and seen["plain"].http is BoundedHttp
+    assert seen["reload"]["timeout_graceful_shutdown"] == seen["plain"].timeout_graceful_shutdown == 3
 
 
 @pytest.mark.parametrize("value", ["inf", "nan", "-1", "0"])
