@@ -50,13 +50,15 @@ class Job:
         self.generator = None
         self.tokens: list[int] = []
         self.finish_reason = None           # stop | length | time_limit | cancelled | queue_timeout | error
-        self.cancelled = False
+        self.cancelled, self.tokens_at_cancel = False, None
         self.t_submit = time.monotonic()
         self.deadline = None if timeout is None else self.t_submit + timeout
         self.t_start = self.t_first = self.t_end = None
 
     def cancel(self):
         """Safe from any thread: the engine drops the job before its next step."""
+        if not self.cancelled:
+            self.tokens_at_cancel = len(self.tokens)
         self.cancelled = True
 
     def timings(self) -> dict:
@@ -315,6 +317,8 @@ class Engine:
     def _finish(self, job: Job, reason: str):
         job.finish_reason, job.t_end = reason, time.monotonic()
         self.stats[{"stop": "completed", "length": "completed"}.get(reason, reason)] += 1
+        if job.tokens_at_cancel is not None:          # decoded after cancel(): at most the step under way
+            self.stats["tokens_after_cancel"] += len(job.tokens) - job.tokens_at_cancel
         self.events.append((job, "done", None))
 
     def _flush(self):
