@@ -12,6 +12,7 @@ what it must (file size, pixel count) but never decodes differently.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from dataclasses import dataclass
@@ -65,16 +66,33 @@ def open_image(src, policy: ImagePolicy) -> Image.Image:
 
 def decode(src, size: int | None = None, policy: ImagePolicy = ImagePolicy()) -> Image.Image:
     """bytes or a path -> RGB image, resized to size x size if a size is given."""
-    with open_image(src, policy) as im:
-        try:
-            if size and im.format == "JPEG":
-                im.draft("RGB", (size, size))
-            check_cost(im, src, policy)
-            im.load()
-            out = to_rgb(ImageOps.exif_transpose(im))
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
-            raise BadImage("文件已损坏或被截断", "broken") from None
+    with open_image(src, policy) as im, broken_is_bad():
+        prepare(im, src, size, policy)
+        im.load()
+        out = to_rgb(ImageOps.exif_transpose(im))
     return resize(out, size) if size else out
+
+
+def check(src, size: int | None = None, policy: ImagePolicy = ImagePolicy()):
+    """What decode() refuses before decoding a pixel (format, pixel count, memory, JPEG scans),
+    without decoding one: a cheap first look."""
+    with open_image(src, policy) as im, broken_is_bad():
+        prepare(im, src, size, policy)
+
+
+@contextlib.contextmanager
+def broken_is_bad():
+    try:
+        yield
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+        raise BadImage("文件已损坏或被截断", "broken") from None
+
+
+def prepare(im: Image.Image, src, size: int | None, policy: ImagePolicy):
+    """A JPEG draft at the smallest scale that still covers size, then the policy's cost checks."""
+    if size and im.format == "JPEG":
+        im.draft("RGB", (size, size))
+    check_cost(im, src, policy)
 
 
 BAND_BYTES = {"I": 4, "F": 4, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}

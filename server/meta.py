@@ -19,6 +19,7 @@ def router(settings: Settings) -> APIRouter:
             return JSONResponse({"status": "loading", **busy("loading").payload(language(request))}, 503,
                                 headers={"Retry-After": str(RETRY_AFTER)})
         return {"status": "ok", "model": settings.name, "device": str(srv.device), "engine": srv.engine.snapshot(),
+                "decode": srv.decode_snapshot(),
                 "limits": {"max_upload_mb": settings.max_upload_mb, "max_image_pixels": settings.max_image_pixels,
                            "max_images": settings.max_images,
                            "max_new_tokens": settings.max_new_tokens, "context": srv.model.cfg.lm_max_len,

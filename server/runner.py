@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from asyncio import FIRST_COMPLETED
 
+import torch
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
@@ -14,7 +16,7 @@ from engine import Job, QueueFull
 from server.errors import ApiError, busy, language
 from server.protocol import Generating
 from server.state import Server
-from server.uploads import to_pixels
+from server.uploads import decoded, first_look
 
 DEFAULT_NEW_TOKENS = 128
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -49,7 +51,10 @@ def usage(job: Job) -> dict:
 async def generate(request: Request, srv: Server, turns: list[dict], images: list, req: Generating,
                    param: str, reply: Reply):
     """The answer to one request: a dict (JSON), a stream of events, or 499 if the client left."""
-    pixels = await decode(srv, images) if images else None
+    try:
+        pixels = await decode(request, srv, images) if images else None
+    except ClientLeft:
+        return Response(status_code=499)
     job = start(srv, prompt_ids(srv, turns, len(images), param), pixels, req)
     first = await next_event(job, request)
     if first is None:
@@ -62,30 +67,59 @@ async def generate(request: Request, srv: Server, turns: list[dict], images: lis
                              headers=SSE_HEADERS)
 
 
-async def decode(srv: Server, images: list):
+class ClientLeft(Exception):
+    """The client hung up while its images waited for or were in the decode pool."""
+
+
+async def decode(request: Request, srv: Server, images: list):
     """The images' pixels from the bounded decode pool (server/state.py). Admission first: past
-    max_batch + max_queue requests waiting for it, 503 at once; one still waiting (not started)
-    at the request's time limit gives up, undecoded. Text-only requests never wait here."""
+    max_batch + max_queue requests waiting for it, 503 at once. Then a first look at each file
+    (uploads.first_look: a 4xx from the header without a worker); one still waiting (not started)
+    at the request's time limit gives up, undecoded. A client that leaves drops its images from
+    the queue, or stops its decode before the next image. Text-only requests never wait here."""
     s = srv.settings
     if srv.decoding >= s.max_batch + s.max_queue:
         raise busy("queue_full")
-    started = threading.Event()
-
-    def work():
-        started.set()
-        return to_pixels(images, s, srv.model.cfg)
+    left = threading.Event()
     srv.decoding += 1
+    watcher = None
     try:
-        future = asyncio.get_running_loop().run_in_executor(srv.decoder, work)
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), s.request_timeout)
-        except TimeoutError:
-            if started.is_set():          # decoding: bounded by its own limits (scans, memory, fetch deadline)
-                return await future
-            future.cancel()
-            raise busy("queue_timeout", limit=s.request_timeout) from None
+        images = await asyncio.to_thread(first_look, images, s, srv.model.cfg)
+        work = srv.decoder.submit(decode_images, srv, images, left)
+        future, watcher = asyncio.wrap_future(work), asyncio.ensure_future(wait_disconnect(request))
+        done, _ = await asyncio.wait({future, watcher}, timeout=s.request_timeout, return_when=FIRST_COMPLETED)
+        if not done:
+            if work.cancel():             # still waiting for a worker
+                raise busy("queue_timeout", limit=s.request_timeout)
+            # decoding: bounded by its own limits (pixels, memory, scans, fetch deadline)
+            done, _ = await asyncio.wait({future, watcher}, return_when=FIRST_COMPLETED)
+        if future in done:
+            return future.result()
+        left.set()
+        work.cancel()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())     # nobody reads its error
+        srv.tally("abandoned")
+        raise ClientLeft
     finally:
+        if watcher:
+            watcher.cancel()
         srv.decoding -= 1
+
+
+def decode_images(srv: Server, images: list, left: threading.Event) -> torch.Tensor | None:
+    """Worker thread: the stacked (n, 3, H, W) pixels, decoded one image at a time; None as soon
+    as the client has left (checked before each image)."""
+    srv.tally("started")
+    try:
+        out = []
+        for pixels in decoded(images, srv.settings, srv.model.cfg):
+            out.append(pixels)
+            srv.tally("images")
+            if left.is_set():
+                return None
+        return torch.stack(out)
+    finally:
+        srv.tally("finished")
 
 
 def prompt_ids(srv: Server, turns: list[dict], n_images: int, param: str) -> list[int]:

@@ -1,9 +1,11 @@
 """What the endpoints share: the settings, the model once it has loaded, the batching engine."""
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -16,6 +18,7 @@ from server.settings import DTYPES, Settings
 
 log = logging.getLogger("serve")
 DECODE_WORKERS = 2
+DECODE_NICE = 10             # decode threads' priority below generation and the event loop (Linux)
 
 
 def load_model(settings: Settings, obj: dict | None):
@@ -30,6 +33,15 @@ def load_model(settings: Settings, obj: dict | None):
     return model, tok, obj.get("meta", {})
 
 
+def yield_cpu():
+    """A decode thread runs at a lower priority (Linux nice is per thread): while images decode,
+    generation and the event loop still get their share of the CPU; idle cores still decode."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICE)
+    except (AttributeError, OSError):             # not Linux, or not permitted: normal priority
+        pass
+
+
 class Server:
     """Settings, model, tokenizer and engine; `ready` once the background load has finished."""
 
@@ -40,8 +52,10 @@ class Server:
         # Images decode here, never in the event loop's default pool: DECODE_WORKERS decodes at
         # once bound their memory (each within uploads.DECODE_BYTES) and CPU; `decoding` counts
         # the requests waiting for or in it (runner.decode admits at most max_batch + max_queue).
-        self.decoder = ThreadPoolExecutor(DECODE_WORKERS, thread_name_prefix="decode")
+        # Text-only requests never enter it. decode_stats: what the workers did (see /health).
+        self.decoder = ThreadPoolExecutor(DECODE_WORKERS, thread_name_prefix="decode", initializer=yield_cpu)
         self.decoding = 0
+        self.decode_stats, self.decode_lock = collections.Counter(), threading.Lock()
         self.on_fatal = lambda: os._exit(2)
 
     def load(self):
@@ -83,6 +97,19 @@ class Server:
             for job, kind, value in events:
                 job.inbox.put_nowait((kind, value))
         self.loop.call_soon_threadsafe(deliver)
+
+    def tally(self, key: str):
+        """Count a decode event (from any thread)."""
+        with self.decode_lock:
+            self.decode_stats[key] += 1
+
+    def decode_snapshot(self) -> dict:
+        """requests: waiting for or in the pool; running: being decoded now; images: decoded so
+        far; abandoned: requests whose client left while their images waited or decoded."""
+        with self.decode_lock:
+            s = dict(self.decode_stats)
+        return {"requests": self.decoding, "running": s.pop("started", 0) - s.pop("finished", 0),
+                "images": s.get("images", 0), "abandoned": s.get("abandoned", 0)}
 
     def require_ready(self):
         if not self.ready:

@@ -90,20 +90,25 @@ def stop(proc: subprocess.Popen):
             proc.wait(5)
 
 
-@pytest.fixture(scope="session")
-def servers(tok, tmp_path_factory):
-    """main: the server most tests use (checkpoint from LLM_CHECKPOINT, loading held until the
-    health check before load was recorded); tight: batch 1, queue 1, 0.5 s per request, remote
-    images allowed, at most 2 images a request; web: the static page on its own port (allowed by main's CORS)."""
-    d = tmp_path_factory.mktemp("serve")
+def tiny_checkpoint(tok, path: Path) -> Path:
+    """The test model (see the module docstring), saved at path."""
     torch.manual_seed(0)
     model = VLM(tiny_config(tok, lm_max_len=4096))
     with torch.no_grad():
         model.lm.embed.weight.mul_(10)              # peaked, input-dependent samples: readable varied text
         model.lm.embed.weight[tok.eos_id] = 0       # logit 0, far below the best: never chosen
         model.lm.embed.weight[tok.user_id] = 0      # the other stop token, likewise
-    ckpt = d / "tiny.pt"
-    save_checkpoint(ckpt, model, tok, {"lang": "zh"})
+    save_checkpoint(path, model, tok, {"lang": "zh"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def servers(tok, tmp_path_factory):
+    """main: the server most tests use (checkpoint from LLM_CHECKPOINT, loading held until the
+    health check before load was recorded); tight: batch 1, queue 1, 0.5 s per request, remote
+    images allowed, at most 2 images a request; web: the static page on its own port (allowed by main's CORS)."""
+    d = tmp_path_factory.mktemp("serve")
+    ckpt = tiny_checkpoint(tok, d / "tiny.pt")
 
     web_port = free_port()
     web = http.server.ThreadingHTTPServer(("127.0.0.1", web_port), functools.partial(
