@@ -29,9 +29,10 @@ from tests.test_hostile import CHAT, MP, NOISY, chat, data_url, form, image_part
 # 0.2 GB for bodies and the allocator. Measured peak under this attack: ~1.4 GB.
 RSS_BUDGET_MB = 1792
 RATIO = 3.0          # the issue's bound: normal clients' p95 latency under attack <= 3x alone
-# Alone, a normal request takes ~0.1-0.3 s here; below FLOOR its p95 would be mostly timer and
-# scheduler noise, so the bound is RATIO x max(alone p95, FLOOR). FLOOR is below every alone p95
-# measured so far, so the check is the issue's 3x.
+# Alone, the normal clients' p95 was 0.07-0.38 s on this loaded 2-core machine. Below FLOOR it is
+# mostly scheduler noise (a quiet machine), so the bound is RATIO x max(alone p95, FLOOR): 0.3 s at
+# least. The check can fail: with the decode threads at normal priority (state.DECODE_NICE = 0)
+# this test measured 3.3x and 4.8x (p95 0.40 and 0.51 s).
 FLOOR = 0.1
 CLIENTS, ROUNDS = 8, 12
 RESEND = 0.2         # s: a hostile client whose upload was refused sends it again this much later
@@ -164,18 +165,20 @@ class Attack:
             t.join()
         self.results.put(self.answers)
 
-    def ask(self, kind: str, **request):
-        r = httpx.post(self.srv.base + request.pop("path"), timeout=90, **request)
-        self.answers[kind, r.status_code, r.json().get("error", {}).get("code")] += 1
+    def ask(self, kind: str, path: str, pause: float, **request):
+        """Send the same request again and again, `pause` s apart, on one connection (a new
+        httpx client per request costs the client ~10 ms of CPU, taken from the server's cores)."""
+        with httpx.Client(timeout=90) as client:
+            while not self.done.is_set():
+                r = client.post(self.srv.base + path, **request)
+                self.answers[kind, r.status_code, r.json().get("error", {}).get("code")] += 1
+                self.done.wait(pause)
 
     def bomb(self):
-        while not self.done.is_set():
-            self.ask("bomb", path=CHAT, **self.bombs(2))
+        self.ask("bomb", CHAT, 0, **self.bombs(2))
 
     def scans(self):
-        while not self.done.is_set():
-            self.ask("scans", path=MP, **form(NOISY + b"\xff\xda\0\x08" * 400, "a.jpg"))
-            self.done.wait(RESEND)
+        self.ask("scans", MP, RESEND, **form(NOISY + b"\xff\xda\0\x08" * 400, "a.jpg"))
 
     def slow(self):
         while not self.done.is_set():
