@@ -32,7 +32,6 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from checkpoint import (ResumeWriter, check_writable, claim_output, load_resume, resume_bytes, resume_path,
                         resume_state, save_checkpoint)
@@ -40,9 +39,8 @@ from devices import autocast_dtype, default_workers, resolve_device, store_froze
 from distributed import all_reduce, init_distributed, rank_keys
 from errors import UserError
 from feature_cache import CachedTower
+from pace import Pace, epoch_bar
 from train_config import TrainConfig
-
-BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
 
 
 @dataclass
@@ -189,6 +187,8 @@ class Trainer:
             self.prepare_output()
         if self.resuming:
             self.load_resume()
+        val_per_step = (self.cfg.epochs - self.epoch) * len(self.val_data or ()) / (self.global_batch * self.cfg.accum)
+        self.pace = Pace(self.total_steps, val_per_step, self.is_main).begin(self.step, self.device, self.dtype)
         try:
             with signals_caught(self._on_signal):
                 self.model.train()
@@ -196,6 +196,7 @@ class Trainer:
                     self.epoch = epoch
                     train_loss, samples_per_s = self.train_epoch(epoch)
                     self.end_epoch(epoch, train_loss, samples_per_s)
+            self.pace.finish()
         finally:
             if self.feature_cache is not None:
                 self.feature_cache.store.clear()
@@ -217,8 +218,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         """One pass over the epoch's batches, from where a resumed run stopped.
         Returns (mean language-model loss, samples per second), over all ranks."""
-        bar = tqdm(total=self.batches_per_epoch, initial=self.batch_in_epoch, desc=f"Epoch {epoch + 1}/{self.cfg.epochs}",
-                   bar_format=BAR, mininterval=0.5, dynamic_ncols=True, disable=not self.is_main)
+        bar = epoch_bar(self.batches_per_epoch, self.batch_in_epoch, f"Epoch {epoch + 1}/{self.cfg.epochs}", self.is_main)
         running, seen, t0, samples, shown = 0.0, 0, time.time(), 0, 0.0
         batches = self.loader(self.train_data, epoch, self.seen_in_epoch)
         with bar:
@@ -250,6 +250,7 @@ class Trainer:
         self.seen_in_epoch += self.global_batch
         if sync:
             self.optimizer_step()
+            self.pace.step_done(self.step)
             every = self.cfg.save_every
             if (every and self.step % every == 0) or time.monotonic() - self.saved_at >= 60 * self.cfg.save_minutes:
                 self.save_resume(background=True)
@@ -292,7 +293,7 @@ class Trainer:
             self.report_feature_cache()
         record = {"epoch": epoch + 1, "step": self.step, "train_loss": round(train_loss, 5),
                   "lr": self.opt.param_groups[0]["lr"], "samples_per_s": round(samples_per_s, 2),
-                  "skipped_steps": self.skipped}
+                  "skipped_steps": self.skipped, **self.pace.record()}
         if self.world > 1:
             record["processes"] = self.world
         score = train_loss

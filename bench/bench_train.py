@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from devices import matmul_rate  # noqa: E402
 from model import VLM, VLMConfig  # noqa: E402
 
 # The issue's sizes: 64 px / patch 8 / width 128 / 4 layers vision; width 256 / 4 layers / vocab 4096 LLM.
@@ -131,17 +132,7 @@ def train_flops_per_sample(cfg: VLMConfig, seq: int, supervised: int) -> float:
 
 def matmul_peak(dtype, device, n=1024, reps=8) -> float:
     """FLOP/s of an n x n x n matmul in `dtype` on `device` (the MFU denominator)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    best = float("inf")
-    for _ in range(3):
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 * reps / best
+    return matmul_rate(dtype, device, n, reps, m=n) * 1e9
 
 
 def sync(device):

@@ -34,6 +34,9 @@ def test_micro_run_trains_saves_and_reports(tmp_path):
     assert torch.load(out, weights_only=True)["meta"]["lang"] == "zh"
     log = [json.loads(l) for l in out.with_suffix(".log.jsonl").read_text().splitlines()]
     assert [l["epoch"] for l in log] == [1, 2] and "val_loss" in log[0]
+    # the machine's reference figure and the time taken, printed and logged for comparing machines
+    assert "本机参考算力" in r.stdout and re.search(r"\n训练用时 \d", r.stdout)
+    assert log[0]["machine_gflops"]["fp32"] > 0 and 0 < log[0]["elapsed_s"] <= log[1]["elapsed_s"]
 
 
 @pytest.mark.parametrize("args, needle", [
