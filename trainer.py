@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from checkpoint import (ResumeWriter, check_writable, claim_output, load_resume, resume_bytes, resume_path,
                         resume_state, save_checkpoint)
 from devices import autocast_dtype, default_workers, resolve_device, store_frozen_in
-from distributed import all_reduce, init_distributed, rank_keys
+from distributed import all_reduce, init_distributed, rank_keys, say
 from errors import UserError
 from feature_cache import CachedTower
 from pace import Pace, epoch_bar
@@ -182,7 +182,7 @@ class Trainer:
         best score. Ctrl-C / SIGTERM save resume state and raise TrainingInterrupted."""
         self.resuming = self.cfg.resume and resume_path(self.cfg.output).exists()
         if self.cfg.resume and not self.resuming:          # a job script may always pass --resume
-            self.say(f"没有找到断点文件 {resume_path(self.cfg.output)}，从头开始训练。")
+            say(f"没有找到断点文件 {resume_path(self.cfg.output)}，从头开始训练。")
         if self.is_main:
             self.prepare_output()
         if self.resuming:
@@ -288,7 +288,7 @@ class Trainer:
 
     def end_epoch(self, epoch: int, train_loss: float, samples_per_s: float):
         """Report the epoch, validate, run the callback, keep the best checkpoint, log, save resume state."""
-        self.say(f"Epoch {epoch + 1} 完成, 平均损失: {train_loss:.2f}")
+        say(f"Epoch {epoch + 1} 完成, 平均损失: {train_loss:.2f}")
         if epoch == 0:
             self.report_feature_cache()
         record = {"epoch": epoch + 1, "step": self.step, "train_loss": round(train_loss, 5),
@@ -299,7 +299,7 @@ class Trainer:
         score = train_loss
         if self.val_data is not None and len(self.val_data):
             score = record["val_loss"] = round(self.evaluate_loss(self.val_data), 5)
-            self.say(f"验证损失: {score:.4f}")
+            say(f"验证损失: {score:.4f}")
         report = self.epoch_report(epoch)
         record.update(report.metrics)
         if report.score is not None:
@@ -433,10 +433,6 @@ class Trainer:
         flag = float(self.stop_signal is not None)
         return (self.all_reduce([flag], dist.ReduceOp.MAX)[0] if self.world > 1 else flag) > 0
 
-    def say(self, msg: str):
-        if self.is_main:
-            print(msg, flush=True)
-
     def log_metrics(self, record: dict):
         if not self.is_main:
             return
@@ -446,6 +442,6 @@ class Trainer:
     def report_feature_cache(self):
         fc = self.feature_cache
         if fc is not None:
-            self.say(f"视觉编码器是冻结的：{len(fc.store)} 张图的特征已留在内存里（{fc.used / 2 ** 20:.0f} MiB），"
+            say(f"视觉编码器是冻结的：{len(fc.store)} 张图的特征已留在内存里（{fc.used / 2 ** 20:.0f} MiB），"
                      "之后各轮不再重算" + ("；内存上限已满，其余图片每轮照常计算（可调大 --feature-cache-gb）"
                                           if fc.full else "") + "。")
