@@ -17,6 +17,7 @@ import backbones
 import captions
 import datacheck
 import images
+import pixel_probe
 import sources
 from checkpoint import discard_resume, load_checkpoint
 from distributed import say
@@ -144,7 +145,7 @@ def main(argv=None):
 
     meta = {**meta, "lang": lang, "data": data.names, "select_by": a.select_by}
     trainer = Trainer(model, tok, sets.train, Collator(tok, model.cfg), cfg, val_data=sets.val,
-                      on_epoch_end=on_epoch_end, meta=meta)
+                      aux=pixel_probe.for_model(model), on_epoch_end=on_epoch_end, meta=meta)
     if hint := scratch_hint(a, len(sets.train)):
         say(hint)
     try:
