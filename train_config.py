@@ -44,6 +44,9 @@ class TrainConfig:
         2.0, "视觉编码器冻结时（如 --train projector / lora），在 CPU 上把每张图的特征算一次后留在内存里，"
              "之后各轮不再过编码器；最多占这么多 GB，0 表示不缓存 (默认: {default:g})")
     compile: bool = option(False, "用 torch.compile 编译训练步：首次编译要几十秒到几分钟，之后每步更快（见 docs/benchmarks.md）")
+    fsdp: bool = option(False, "用 torchrun 多进程训练时改用 FSDP2：模型按层切分到各进程，每块 GPU 只放自己那一份权重、梯度和"
+                               "优化器状态，单卡放不下的大语言模型（如 7B 全量训练）也能训练；bf16 时按 bf16 计算、fp32 汇总梯度"
+                               "（见 docs/distributed.md）")
     min_lr_ratio: float = 0.1        # cosine ends at lr * this
     weight_decay: float = 0.0
     grad_clip: float = 1.0
