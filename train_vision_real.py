@@ -27,7 +27,8 @@ from evaluate import evaluate_captions, print_caption_scores
 from model import PRESETS, VLM, VLMConfig, count_params
 from tokenizer import Tokenizer
 from train_config import add_train_flags, config_from_args
-from trainer import EpochReport, Trainer, TrainingInterrupted
+from sharding import trainer_class
+from trainer import EpochReport, TrainingInterrupted
 
 
 def build_parser():
@@ -143,8 +144,8 @@ def main(argv=None):
                            score=-r["cider"] if a.select_by == "cider" else None)
 
     meta = {**meta, "lang": lang, "data": data.names, "select_by": a.select_by}
-    trainer = Trainer(model, tok, sets.train, Collator(tok, model.cfg), cfg, val_data=sets.val,
-                      on_epoch_end=on_epoch_end, meta=meta)
+    trainer = trainer_class(cfg)(model, tok, sets.train, Collator(tok, model.cfg), cfg, val_data=sets.val,
+                                   on_epoch_end=on_epoch_end, meta=meta)
     if hint := scratch_hint(a, len(sets.train)):
         say(hint)
     try:
