@@ -19,11 +19,22 @@ def option(default, help: str | None = None, flag: str | None = None, **argparse
     return field(default=default, metadata={"help": help, "flag": flag, **argparse_kw} if help else {})
 
 
+def batch_size_arg(text: str) -> int | str:
+    """--batch-size: a whole number (validate() checks it is positive) or auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"需要一个正整数或 auto，收到的是 {text!r}") from None
+
+
 @dataclass
 class TrainConfig:
     """Every training option, declared once; the flags are made from it (add_train_flags), in
     this order. Fields without help text have no flag."""
-    batch_size: int = option(8, "批次大小 (默认: {default})")
+    batch_size: int | str = option(8, "每个进程的批次大小；auto 表示训练前用几步试出放得下的最大批次 (默认: {default})",
+                                   type=batch_size_arg)
     epochs: int = option(10, "训练轮数 (默认: {default})")
     lr: float = option(1e-4, "学习率 (默认: {default:g})")
     checkpoint: str | None = option(None, "基础模型路径：从这个检查点继续训练（默认从头训练）")  # the scripts load it
@@ -54,7 +65,7 @@ class TrainConfig:
     aux_weight: float = 1.0
 
     def validate(self):
-        checks = [(self.epochs >= 1, "--epochs 必须是正整数"), (self.batch_size >= 1, "--batch-size 必须是正整数"),
+        checks = [(self.epochs >= 1, "--epochs 必须是正整数"), (self.batch_size == "auto" or self.batch_size >= 1, "--batch-size 必须是正整数或 auto"),
                   (self.lr > 0 and math.isfinite(self.lr), "--lr 必须是大于 0 的数"),
                   (self.accum >= 1, "--grad-accum 必须是正整数"), (self.save_every >= 0, "--save-every 不能是负数"),
                   (self.save_minutes > 0 and math.isfinite(self.save_minutes), "--save-minutes 必须是大于 0 的数"),
@@ -85,7 +96,7 @@ def add_train_flags(p: argparse.ArgumentParser, **defaults):
         else:
             kw["default"] = default
             if type(default) in (int, float):
-                kw["type"] = type(default)
+                kw.setdefault("type", type(default))
             if flag[2:] != f.name.replace("_", "-"):
                 kw["metavar"] = flag[2:].replace("-", "_").upper()   # what argparse shows for the flag's name
         p.add_argument(flag, dest=f.name, help=help.format(default=default), **kw)

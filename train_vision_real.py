@@ -101,7 +101,9 @@ def check_flags(a):
               (0 <= a.max_bad_ratio <= 1, "--max-bad-ratio 必须在 [0, 1] 之间"),
               (a.max_pixels > 0, "--max-pixels 必须是正整数"), (a.steps_per_epoch >= 1, "--steps-per-epoch 必须是正整数"),
               (a.vocab_size >= 300, "--vocab-size 至少为 300"),
-              (a.select_by != "cider" or a.eval_size > 0, "--select-by cider 需要 --eval-size 大于 0")]
+              (a.select_by != "cider" or a.eval_size > 0, "--select-by cider 需要 --eval-size 大于 0"),
+              (a.batch_size != "auto" or not a.streaming, "流式读取时每轮的样本数是 --steps-per-epoch × --batch-size，"
+                                                          "请给出具体的 --batch-size（不能用 auto）")]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg + "。")

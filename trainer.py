@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from batch_probe import resolve_batch
 from checkpoint import (ResumeWriter, check_writable, claim_output, load_resume, resume_bytes, resume_path,
                         resume_state, save_checkpoint)
 from devices import autocast_dtype, default_workers, resolve_device, store_frozen_in
@@ -139,6 +140,7 @@ class Trainer:
         fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}
         self.opt = torch.optim.AdamW(param_groups(modules, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), **fused)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        cfg.batch_size = resolve_batch(self)                       # --batch-size auto: probed here
         self.global_batch = cfg.batch_size * self.world          # samples per micro-batch, all ranks
         self.steps_per_epoch = len(train_data) // (self.global_batch * cfg.accum)
         self.batches_per_epoch = self.steps_per_epoch * cfg.accum   # per rank; leftovers are dropped
