@@ -98,7 +98,8 @@ def gathered(roots: list[FSDPModule]):
     """Every rank enters: inside, each sharded module holds its full weights and keeps them through
     forward passes, which then need no collective, so rank 0 may run some alone (generation).
     After: sharded again, and FSDP forgets the forwards it saw in here (it would replay their
-    order as all-gathers in the next backward, on rank 0 only)."""
+    order as all-gathers in the next backward, on rank 0 only); that needs each root to have run
+    a forward by then (FSDP sets itself up in the first)."""
     for m in [m for root in roots for m in root.modules() if isinstance(m, FSDPModule)]:
         m.unshard()
     for root in roots:
@@ -220,11 +221,11 @@ class FSDPTrainer(Trainer):
             super().load_resume()
 
     def evaluate_loss(self, data) -> float:
-        with gathered(self.roots):
+        with gathered([self.model]):             # the aux head takes no part (nor its first forward yet)
             return super().evaluate_loss(data)
 
     def epoch_report(self, epoch: int):
         if self.on_epoch_end is None:
             return super().epoch_report(epoch)
-        with gathered(self.roots):
+        with gathered([self.model]):
             return super().epoch_report(epoch)

@@ -58,6 +58,7 @@ def test_fsdp_matches_ddp_resumes_exactly_and_only_rank0_writes(tok, own_tmp):
         assert torch.allclose(fsdp, ddp, rtol=1e-4, atol=1e-5), (fsdp - ddp).abs().max()
         assert ddp[-1] < ddp[0]                                 # and it learns
     assert rec[0]["fsdp"]["initially_different"]
+    assert abs(rec[0]["fsdp"]["val_before"] - rec[0]["ddp"]["val_before"]) < 1e-5
     ddp_w, fsdp_w = resume_weights(tmp / "ddp"), resume_weights(tmp / "fsdp")
     assert max(float((fsdp_w[k] - ddp_w[k]).abs().max()) for k in ddp_w) < 1e-4
 
@@ -120,6 +121,7 @@ def run(tok, out: Path, kind: str, resume=False, stop_at=None) -> dict:
         t.load_resume()
         t.cfg.resume = False
     t.record["start"] = t.step
+    t.record["val_before"] = t.evaluate_loss(t.val_data)     # under FSDP: gathered before any training step
     try:
         t.fit()
         t.record["interrupted"] = False
