@@ -42,6 +42,7 @@ _ARGPARSE = [
     (r"unrecognized arguments: (.*)", "无法识别的参数：{0}。"),
     (r"the following arguments are required: (.*)", "缺少必需的参数：{0}。"),
     (r"ambiguous option: (\S+) could match (.*)", "参数 {0} 有歧义，可能是：{1}。"),
+    (r"argument (\S+): (.*)", "参数 {0} {1}。"),            # our own type checks word the rest in Chinese
 ]
 
 

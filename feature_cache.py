@@ -41,3 +41,9 @@ class CachedTower(torch.nn.Module):
         for hook in self.tower._forward_hooks.values():
             hook(self.tower, (pixels,), out)
         return out
+
+    def report(self) -> str:
+        """One line for the user after the first epoch: what is kept, and whether the budget ran out."""
+        return (f"视觉编码器是冻结的：{len(self.store)} 张图的特征已留在内存里（{self.used / 2 ** 20:.0f} MiB），"
+                "之后各轮不再重算" + ("；内存上限已满，其余图片每轮照常计算（可调大 --feature-cache-gb）"
+                                      if self.full else "") + "。")

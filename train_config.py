@@ -19,11 +19,22 @@ def option(default, help: str | None = None, flag: str | None = None, **argparse
     return field(default=default, metadata={"help": help, "flag": flag, **argparse_kw} if help else {})
 
 
+def batch_size_arg(text: str) -> int | str:
+    """--batch-size: a whole number (validate() checks it is positive) or auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"需要一个正整数或 auto，收到的是 {text!r}") from None
+
+
 @dataclass
 class TrainConfig:
     """Every training option, declared once; the flags are made from it (add_train_flags), in
     this order. Fields without help text have no flag."""
-    batch_size: int = option(8, "批次大小 (默认: {default})")
+    batch_size: int | str = option(8, "每个进程的批次大小；auto 表示训练前用几步试出放得下的最大批次 (默认: {default})",
+                                   type=batch_size_arg)
     epochs: int = option(10, "训练轮数 (默认: {default})")
     lr: float = option(1e-4, "学习率 (默认: {default:g})")
     checkpoint: str | None = option(None, "基础模型路径：从这个检查点继续训练（默认从头训练）")  # the scripts load it
@@ -44,6 +55,9 @@ class TrainConfig:
         2.0, "视觉编码器冻结时（如 --train projector / lora），在 CPU 上把每张图的特征算一次后留在内存里，"
              "之后各轮不再过编码器；最多占这么多 GB，0 表示不缓存 (默认: {default:g})")
     compile: bool = option(False, "用 torch.compile 编译训练步：首次编译要几十秒到几分钟，之后每步更快（见 docs/benchmarks.md）")
+    fsdp: bool = option(False, "用 torchrun 多进程训练时改用 FSDP2：模型按层切分到各进程，每块 GPU 只放自己那一份权重、梯度和"
+                               "优化器状态，单卡放不下的大语言模型（如 7B 全量训练）也能训练；bf16 时按 bf16 计算、fp32 汇总梯度"
+                               "（见 docs/distributed.md）")
     min_lr_ratio: float = 0.1        # cosine ends at lr * this
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -51,7 +65,7 @@ class TrainConfig:
     aux_weight: float = 1.0
 
     def validate(self):
-        checks = [(self.epochs >= 1, "--epochs 必须是正整数"), (self.batch_size >= 1, "--batch-size 必须是正整数"),
+        checks = [(self.epochs >= 1, "--epochs 必须是正整数"), (self.batch_size == "auto" or self.batch_size >= 1, "--batch-size 必须是正整数或 auto"),
                   (self.lr > 0 and math.isfinite(self.lr), "--lr 必须是大于 0 的数"),
                   (self.accum >= 1, "--grad-accum 必须是正整数"), (self.save_every >= 0, "--save-every 不能是负数"),
                   (self.save_minutes > 0 and math.isfinite(self.save_minutes), "--save-minutes 必须是大于 0 的数"),
@@ -82,7 +96,7 @@ def add_train_flags(p: argparse.ArgumentParser, **defaults):
         else:
             kw["default"] = default
             if type(default) in (int, float):
-                kw["type"] = type(default)
+                kw.setdefault("type", type(default))
             if flag[2:] != f.name.replace("_", "-"):
                 kw["metavar"] = flag[2:].replace("-", "_").upper()   # what argparse shows for the flag's name
         p.add_argument(flag, dest=f.name, help=help.format(default=default), **kw)

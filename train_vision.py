@@ -21,7 +21,8 @@ from evaluate import evaluate_scenes, generate_texts, print_table
 from model import PRESETS, VLM, VLMConfig, count_params
 from tokenizer import Tokenizer
 from train_config import add_train_flags, config_from_args
-from trainer import Trainer, TrainingInterrupted
+from sharding import trainer_class
+from trainer import TrainingInterrupted
 
 
 def build_parser():
@@ -69,8 +70,8 @@ def main(argv=None):
             print(f"  问: {s['messages'][0]['content']}  答: {pred}  （正确: {s['messages'][1]['content']}）")
 
     meta = {"lang": a.lang, "data": "synthetic", "preset": a.preset}
-    trainer = Trainer(model, tok, train, Collator(tok, mcfg), cfg, val_data=val, aux=probe,
-                      on_epoch_end=show_samples, meta=meta)
+    trainer = trainer_class(cfg)(model, tok, train, Collator(tok, mcfg), cfg, val_data=val, aux=probe,
+                                   on_epoch_end=show_samples, meta=meta)
     try:
         trainer.fit()
     except TrainingInterrupted as e:

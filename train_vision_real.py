@@ -28,7 +28,8 @@ from evaluate import evaluate_captions, print_caption_scores
 from model import PRESETS, VLM, VLMConfig, count_params
 from tokenizer import Tokenizer
 from train_config import add_train_flags, config_from_args
-from trainer import EpochReport, Trainer, TrainingInterrupted
+from sharding import trainer_class
+from trainer import EpochReport, TrainingInterrupted
 
 
 def build_parser():
@@ -101,7 +102,9 @@ def check_flags(a):
               (0 <= a.max_bad_ratio <= 1, "--max-bad-ratio 必须在 [0, 1] 之间"),
               (a.max_pixels > 0, "--max-pixels 必须是正整数"), (a.steps_per_epoch >= 1, "--steps-per-epoch 必须是正整数"),
               (a.vocab_size >= 300, "--vocab-size 至少为 300"),
-              (a.select_by != "cider" or a.eval_size > 0, "--select-by cider 需要 --eval-size 大于 0")]
+              (a.select_by != "cider" or a.eval_size > 0, "--select-by cider 需要 --eval-size 大于 0"),
+              (a.batch_size != "auto" or not a.streaming, "流式读取时每轮的样本数是 --steps-per-epoch × --batch-size，"
+                                                          "请给出具体的 --batch-size（不能用 auto）")]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg + "。")
@@ -144,8 +147,8 @@ def main(argv=None):
                            score=-r["cider"] if a.select_by == "cider" else None)
 
     meta = {**meta, "lang": lang, "data": data.names, "select_by": a.select_by}
-    trainer = Trainer(model, tok, sets.train, Collator(tok, model.cfg), cfg, val_data=sets.val,
-                      aux=pixel_probe.for_model(model), on_epoch_end=on_epoch_end, meta=meta)
+    trainer = trainer_class(cfg)(model, tok, sets.train, Collator(tok, model.cfg), cfg, val_data=sets.val,
+                                 aux=pixel_probe.for_model(model), on_epoch_end=on_epoch_end, meta=meta)
     if hint := scratch_hint(a, len(sets.train)):
         say(hint)
     try:

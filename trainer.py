@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from batch_probe import resolve_batch
 from checkpoint import (ResumeWriter, check_writable, claim_output, load_resume, resume_bytes, resume_path,
                         resume_state, save_checkpoint)
 from devices import autocast_dtype, default_workers, resolve_device, store_frozen_in
@@ -129,7 +130,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.dtype = autocast_dtype(self.device, cfg.precision)
         torch.manual_seed(cfg.seed)
-        self.model = model.to(self.device)
+        self.model = model                      # on the device once wrapped (parallel)
         if self.dtype == torch.bfloat16 and self.meta.get("weights") == "delta":   # frozen base: never stored
             store_frozen_in(self.model, self.dtype)
         self.aux = aux.to(self.device) if aux is not None else None
@@ -139,6 +140,7 @@ class Trainer:
         fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}
         self.opt = torch.optim.AdamW(param_groups(modules, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), **fused)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        cfg.batch_size = resolve_batch(self)                       # --batch-size auto: probed here
         self.global_batch = cfg.batch_size * self.world          # samples per micro-batch, all ranks
         self.steps_per_epoch = len(train_data) // (self.global_batch * cfg.accum)
         self.batches_per_epoch = self.steps_per_epoch * cfg.accum   # per rank; leftovers are dropped
@@ -164,17 +166,21 @@ class Trainer:
         return None if any(p.requires_grad for p in params) else CachedTower(tower, self.cfg.feature_cache_gb * 2 ** 30)
 
     def training_step(self, train_data, val_data) -> torch.nn.Module:
-        """The model and aux head as one module: under torchrun in DDP (which broadcasts rank 0's
-        weights, then averages gradients), with --compile compiled."""
+        """The model and aux head as one module on the device (parallel), with --compile compiled."""
         net = TrainStep(self.model, self.aux, self.cfg.aux_weight)
         if self.world > 1:
             for data in (train_data, val_data):
                 if hasattr(data, "split_by_node"):          # streamed sources read disjoint rows per rank
                     data.split_by_node(self.rank, self.world)
-            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        net = self.parallel(net)
         if self.cfg.compile:            # evaluation and generate() keep using the plain model
             net = torch.compile(net)
         return net
+
+    def parallel(self, net: torch.nn.Module) -> torch.nn.Module:
+        """Onto the device; under torchrun in DDP: rank 0's weights, averaged gradients (--fsdp: sharding.py)."""
+        net = net.to(self.device)
+        return net if self.world == 1 else DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # ------------------------------------------------------------------ the loop, top to bottom
     def fit(self):
@@ -251,13 +257,17 @@ class Trainer:
         if sync:
             self.optimizer_step()
             self.pace.step_done(self.step)
-            every = self.cfg.save_every
-            if (every and self.step % every == 0) or time.monotonic() - self.saved_at >= 60 * self.cfg.save_minutes:
+            if self.save_due():
                 self.save_resume(background=True)
             if self.should_stop():
                 self.save_resume(background=False)
                 raise TrainingInterrupted(resume_path(self.cfg.output))
         return lm_loss.detach()
+
+    def save_due(self) -> bool:
+        """After an optimizer step: every --save-every steps, or --save-minutes after the last save."""
+        every = self.cfg.save_every
+        return bool(every and self.step % every == 0) or time.monotonic() - self.saved_at >= 60 * self.cfg.save_minutes
 
     def optimizer_step(self) -> bool:
         """Clip, step, schedule. A non-finite gradient skips the step (counted); too many in a
@@ -289,8 +299,8 @@ class Trainer:
     def end_epoch(self, epoch: int, train_loss: float, samples_per_s: float):
         """Report the epoch, validate, run the callback, keep the best checkpoint, log, save resume state."""
         say(f"Epoch {epoch + 1} 完成, 平均损失: {train_loss:.2f}")
-        if epoch == 0:
-            self.report_feature_cache()
+        if epoch == 0 and self.feature_cache is not None:
+            say(self.feature_cache.report())
         record = {"epoch": epoch + 1, "step": self.step, "train_loss": round(train_loss, 5),
                   "lr": self.opt.param_groups[0]["lr"], "samples_per_s": round(samples_per_s, 2),
                   "skipped_steps": self.skipped, **self.pace.record()}
@@ -438,10 +448,3 @@ class Trainer:
             return
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-    def report_feature_cache(self):
-        fc = self.feature_cache
-        if fc is not None:
-            say(f"视觉编码器是冻结的：{len(fc.store)} 张图的特征已留在内存里（{fc.used / 2 ** 20:.0f} MiB），"
-                     "之后各轮不再重算" + ("；内存上限已满，其余图片每轮照常计算（可调大 --feature-cache-gb）"
-                                          if fc.full else "") + "。")
