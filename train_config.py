@@ -33,7 +33,7 @@ def batch_size_arg(text: str) -> int | str:
 class TrainConfig:
     """Every training option, declared once; the flags are made from it (add_train_flags), in
     this order. Fields without help text have no flag."""
-    batch_size: int | str = option(8, "每个进程的批次大小；auto 表示训练前用几步试出放得下的最大批次 (默认: {default})",
+    batch_size: int | str = option(8, "批次大小 (默认: {default})，每个进程各自的；auto 表示训练前用几步试出放得下的最大批次",
                                    type=batch_size_arg)
     epochs: int = option(10, "训练轮数 (默认: {default})")
     lr: float = option(1e-4, "学习率 (默认: {default:g})")
