@@ -76,10 +76,11 @@ def test_killed_or_stopped_runs_resume_to_the_same_weights(tmp_path):
     """SIGKILL mid-epoch, SIGTERM and Ctrl-C (SIGINT) against an uninterrupted run of the same
     command. Killed and terminated runs restarted with --resume end bit-identical to it."""
     runs = {name: tmp_path / name / "m.pt" for name in ("straight", "kill", "term", "int")}
-    procs = {name: start("train_vision.py", *MICRO, "--output", str(out)) for name, out in runs.items()}
+    procs = {"straight": start("train_vision.py", *MICRO, "--output", str(runs["straight"]))}
     sent = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
-    for name, sig in sent.items():                        # the first resume save: the loop is running
-        wait_for(runs[name].with_name("m.resume.pt"), procs[name])
+    for name, sig in sent.items():     # one at a time: a run started early could finish (2 s on a quiet machine)
+        procs[name] = start("train_vision.py", *MICRO, "--output", str(runs[name]))   # before its signal
+        wait_for(runs[name].with_name("m.resume.pt"), procs[name])   # the first resume save: the loop runs
         procs[name].send_signal(sig)
     results = {name: (p.wait(180), *p.communicate()) for name, p in procs.items()}
     assert results["straight"][0] == 0, results["straight"][2][-3000:]
