@@ -7,8 +7,8 @@
 The batch carries its layout (layout.py: where images splice in, which positions are scored),
 prepared by the collator on the CPU, so the step has no data-dependent shape: torch.compile
 traces forward, loss and backward as one graph (tests/test_compile.py compiles it with
-fullgraph=True, which fails on any graph break), and new sequence lengths do not each compile
-anew: after the first change of a length dynamo makes it symbolic.
+fullgraph=True, which fails on any graph break), with symbolic lengths: one graph serves every
+batch (accumulating into existing gradients, with --grad-accum, is a second).
 """
 from __future__ import annotations
 
@@ -45,15 +45,20 @@ def forward_backward(loss_fn, batch, scale):
 
 
 def compile_step(whole: bool = True, **compile_kw):
-    """forward_backward under torch.compile (compile_kw: backend, dynamic, ...). whole: backward
-    traced into the forward's graph (dynamo's trace_autograd_ops), with fullgraph=True, which
-    fails loudly on a graph break: dynamo's traced backward silently loses gradients across one.
-    Otherwise (DDP, whose all-reduce hooks need autograd's own backward; the CPU feature cache,
-    host work by design) the forward is compiled and AOTAutograd compiles its backward."""
-    compiled = torch.compile(forward_backward, fullgraph=whole, **compile_kw)
+    """forward_backward under torch.compile (compile_kw: backend, ...), with dynamic shapes from
+    the start: lengths change every batch, so a first graph for fixed shapes would be wasted.
+    whole: backward traced into the forward's graph (dynamo's trace_autograd_ops), with
+    fullgraph=True, which fails loudly on a graph break: dynamo's traced backward silently loses
+    gradients across one. Otherwise (DDP, whose all-reduce hooks need autograd's own backward;
+    the CPU feature cache, host work by design) the forward is compiled and AOTAutograd compiles
+    its backward."""
+    compiled = torch.compile(forward_backward, fullgraph=whole, dynamic=True, **compile_kw)
 
     @functools.wraps(forward_backward)
     def step(loss_fn, batch, scale):
+        if batch["pixels"] is not None:           # the image size is the model's: patch grids stay plain ints
+            for dim in (1, 2, 3):
+                torch._dynamo.mark_static(batch["pixels"], dim)
         with torch._dynamo.config.patch(trace_autograd_ops=whole):
             return compiled(loss_fn, batch, scale)
     return step
