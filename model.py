@@ -252,9 +252,10 @@ class DecoderBlock(nn.Module):
         q = apply_rope(q.view(B, Tq, self.heads, self.hd).transpose(1, 2), cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        # no mask: causal over a fresh prompt; a single new token may see every cached key
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and (True if Tq > 1 else False),
-                                           enable_gqa=self.kv_heads != self.heads)
+        # no mask: causal over a fresh prompt; a single new token may see every cached key (a branch,
+        # so that under torch.compile a symbolic length becomes a guard, not a SymBool SDPA refuses)
+        causal = mask is None and (True if Tq > 1 else False)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.heads)
         x = x + self.o(a.transpose(1, 2).reshape(B, Tq, D))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, -1)
         return x + self.down(F.silu(gate) * up)
