@@ -75,6 +75,8 @@ class NonFinite:
 
     def step(self, opt, norm, scaler):
         """opt.step() (through the fp16 scaler if it is on), skipped if `norm` is not finite."""
+        if hasattr(norm, "full_tensor"):                      # FSDP: a DTensor; every rank takes the same verdict
+            norm = norm.full_tensor()
         bad = (~torch.isfinite(norm)).float()
         self.count += bad
         self.run.add_(bad).mul_(bad)                           # consecutive non-finite steps
