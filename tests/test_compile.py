@@ -1,8 +1,9 @@
 """The training step has no host sync: torch.compile(fullgraph=True), which raises on any graph
 break, traces forward, loss and backward as one graph, for the built-in model and for Hugging
 Face backbones (CLIP + Llama, with LoRA through peft); an epoch of batches of varying lengths
-compiles it once or twice, not once per length. Dynamo's "eager" backend runs the traced graphs as they
-are (inductor would only add minutes of code generation on a CPU; the graph-break proof is the same)."""
+compiles it once or twice, not once per length. Dynamo's "eager" backend runs the traced graphs
+as they are (inductor would only add minutes of code generation on a CPU; the graph-break proof
+is the same)."""
 import pytest
 import torch
 
