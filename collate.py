@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from images import to_tensor
+from layout import image_positions, loss_targets
 from model import VLMConfig
 from tokenizer import Tokenizer, kept_length
 
@@ -55,8 +56,9 @@ class Collator:
         images = [to_tensor(img, self.cfg) for s in samples for img in images_of(s)]
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "pixels": torch.stack(images) if images else None}
-        if self.train:
-            batch["labels"] = labels
+        if self.train:      # the splice's and the loss's positions, worked out here on the CPU (layout.py)
+            batch["labels"], batch["targets"] = labels, loss_targets(labels)
+            batch["image_pos"] = image_positions(input_ids, len(images), self.cfg.image_token_id, self.cfg.image_tokens)
         for key in samples[0]:
             if key not in ("image", "images", "messages") and isinstance(samples[0][key], torch.Tensor):
                 batch[key] = torch.stack([s[key] for s in samples])

@@ -23,6 +23,7 @@ class CachedTower(torch.nn.Module):
         self.hits = self.misses = 0
         self.full = False                        # some features did not fit and are recomputed
 
+    @torch.compiler.disable                     # hashing is host work: --compile runs it as it is
     def forward(self, pixels):
         keys = [hashlib.blake2b(p.contiguous().numpy(), digest_size=16).digest() for p in pixels.detach()]
         todo = {}                                       # key -> first image with it, if not stored

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from layout import Targets, image_positions, loss_targets
+
 
 @dataclass
 class VLMConfig:
@@ -250,9 +252,10 @@ class DecoderBlock(nn.Module):
         q = apply_rope(q.view(B, Tq, self.heads, self.hd).transpose(1, 2), cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        # no mask: causal over a fresh prompt; a single new token may see every cached key
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and Tq > 1,
-                                           enable_gqa=self.kv_heads != self.heads)
+        # no mask: causal over a fresh prompt; a single new token may see every cached key (a branch,
+        # so that under torch.compile a symbolic length becomes a guard, not a SymBool SDPA refuses)
+        causal = mask is None and (True if Tq > 1 else False)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.heads)
         x = x + self.o(a.transpose(1, 2).reshape(B, Tq, D))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, -1)
         return x + self.down(F.silu(gate) * up)
@@ -341,41 +344,37 @@ class VLM(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def embed(self, input_ids, pixels=None):
+    def embed(self, input_ids, pixels=None, image_pos=None):
         """Token embeddings with each run of `<image>` tokens replaced by projected patches.
         The runs take the images in reading order (row by row, left to right), so pixels
-        (n_images, 3, H, W) list each row's images in turn, any number per row (collate.py)."""
+        (n_images, 3, H, W) list each row's images in turn, any number per row (collate.py).
+        image_pos: those tokens' flat positions (layout.image_positions), found here if not given."""
         x = self.lm.embed(input_ids)                                 # (B, T, D)
-        is_img = input_ids == self.cfg.image_token_id
-        n_tokens = int(is_img.sum())
-        n_images = 0 if pixels is None else pixels.shape[0]
-        if n_tokens != n_images * self.cfg.image_tokens:
-            raise ValueError(
-                f"image tokens and images do not match: the prompts hold {n_tokens} <image> "
-                f"tokens but {n_images} image(s) give {n_images * self.cfg.image_tokens} "
-                f"({self.cfg.image_tokens} per image)")
+        n_images = 0 if pixels is None else len(pixels)
+        if image_pos is None:
+            image_pos = image_positions(input_ids, n_images, self.cfg.image_token_id, self.cfg.image_tokens)
         if n_images:
-            feats = self.projector(self.vision(pixels.to(self.projector.fc1.weight.dtype)))               # (B_img, N, D)
-            x = x.masked_scatter(is_img[..., None], feats.to(x.dtype))
+            feats = self.projector(self.vision(pixels.to(self.projector.fc1.weight.dtype)))  # (B_img, N, D)
+            x = x.flatten(0, 1).index_copy(0, image_pos, feats.flatten(0, 1).to(x.dtype)).view_as(x)
         return x
 
-    def forward(self, input_ids, pixels=None, labels=None, attention_mask=None):
+    def forward(self, input_ids, pixels=None, labels=None, attention_mask=None, image_pos=None,
+                targets: Targets | None = None):
         """Training/scoring pass. labels: (B, T) next-token targets aligned with input_ids,
         -100 where no loss is taken (prompt, image, pad). Returns (loss, logits); with labels
-        only the supervised positions' logits are computed (a large saving on image tokens)."""
-        x = self.embed(input_ids, pixels)
+        only the supervised positions' logits are computed (a large saving on image tokens).
+        image_pos and targets (layout.py, from the collator) stand for the ids' and labels'
+        layout: given them, the pass has no data-dependent shape and never waits for the device."""
+        x = self.embed(input_ids, pixels, image_pos)
         positions, mask = positions_and_mask(attention_mask, input_ids.shape)
-        if labels is None:
+        if labels is None and targets is None:
             return None, self.lm.logits(self.lm(x, positions.to(x.device), mask))
-        target = labels[:, 1:]
-        keep = target != -100                                          # (B, T-1)
+        start, index, target = targets if targets is not None else loss_targets(labels)
         # The last decoder block only has to produce the positions whose logits are taken, from
         # the first supervised column on (image tokens mostly come before it): ~15% less work.
-        cols = keep.any(0).nonzero()
-        start = int(cols[0]) if len(cols) else 0
         h = self.lm(x, positions.to(x.device), mask, q_from=start)    # (B, T - start, D)
-        logits = self.lm.logits(h[:, :-1][keep[:, start:]])           # (n_supervised, V)
-        loss = F.cross_entropy(logits.float(), target[keep])
+        logits = self.lm.logits(h.flatten(0, 1)[index])               # (n_supervised, V)
+        loss = F.cross_entropy(logits.float(), target, ignore_index=-100)
         return loss, logits
 
     @torch.inference_mode()                  # ~10% faster per token than no_grad on a CPU (bench/)

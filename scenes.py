@@ -251,7 +251,7 @@ class CellProbe(torch.nn.Module):
         self.feats = output if module.training else None
 
     def forward(self, batch):                                  # feats (B, N, Dv), cells (B, 2, 9)
-        feats, cells = self.feats.float(), batch["cells"]
+        feats, cells, self.feats = self.feats.float(), batch["cells"], None    # held no longer than the step
         B, N, D = feats.shape
         g = math.isqrt(N)
         grid = feats.transpose(1, 2).reshape(B, D, g, g)

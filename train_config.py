@@ -54,6 +54,8 @@ class TrainConfig:
     feature_cache_gb: float = option(       # CPU memory for a frozen vision encoder's features (0 = off)
         2.0, "视觉编码器冻结时（如 --train projector / lora），在 CPU 上把每张图的特征算一次后留在内存里，"
              "之后各轮不再过编码器；最多占这么多 GB，0 表示不缓存 (默认: {default:g})")
+    log_every: int = option(10, "每多少步读一次损失（进度条上显示）、NaN/Inf 计数和多进程的停止信号；"
+                                "读数要等 GPU 算完，所以不每步读 (默认: {default})")
     compile: bool = option(False, "用 torch.compile 编译训练步：首次编译要几十秒到几分钟，之后每步更快（见 docs/benchmarks.md）")
     fsdp: bool = option(False, "用 torchrun 多进程训练时改用 FSDP2：模型按层切分到各进程，每块 GPU 只放自己那一份权重、梯度和"
                                "优化器状态，单卡放不下的大语言模型（如 7B 全量训练）也能训练；bf16 时按 bf16 计算、fp32 汇总梯度"
@@ -68,6 +70,7 @@ class TrainConfig:
         checks = [(self.epochs >= 1, "--epochs 必须是正整数"), (self.batch_size == "auto" or self.batch_size >= 1, "--batch-size 必须是正整数或 auto"),
                   (self.lr > 0 and math.isfinite(self.lr), "--lr 必须是大于 0 的数"),
                   (self.accum >= 1, "--grad-accum 必须是正整数"), (self.save_every >= 0, "--save-every 不能是负数"),
+                  (self.log_every >= 1, "--log-every 必须是正整数"),
                   (self.save_minutes > 0 and math.isfinite(self.save_minutes), "--save-minutes 必须是大于 0 的数"),
                   (0 <= self.warmup < 1, "--warmup 必须在 [0, 1) 之间"),
                   (self.precision in ("auto", "bf16", "fp16", "fp32"), "--precision 只能是 auto/bf16/fp16/fp32"),

@@ -42,6 +42,7 @@ from errors import UserError
 from feature_cache import CachedTower
 from pace import Pace, epoch_bar
 from train_config import TrainConfig
+from train_step import NonFinite, TrainStep, compile_step, forward_backward, scored
 
 
 @dataclass
@@ -78,20 +79,6 @@ class EpochKeys(torch.utils.data.Sampler):
 
     def __len__(self):
         return len(self.keys)
-
-
-class TrainStep(torch.nn.Module):
-    """The model and its optional auxiliary head as one module, so a single DDP wrapper averages
-    the gradients of both. Returns (loss to optimise, language-model loss to show)."""
-
-    def __init__(self, model, aux, aux_weight: float):
-        super().__init__()
-        self.model, self.aux, self.aux_weight = model, aux, aux_weight
-
-    def forward(self, batch):
-        lm_loss, _ = self.model(batch["input_ids"], batch["pixels"], batch["labels"])
-        loss = lm_loss if self.aux is None else lm_loss + self.aux_weight * self.aux(batch)
-        return loss, lm_loss
 
 
 def param_groups(modules, weight_decay: float):
@@ -154,7 +141,7 @@ class Trainer:
         self.loaders: dict[tuple[int, bool], DataLoader] = {}      # (id(data), shuffle) -> its one loader
         self.step, self.epoch, self.batch_in_epoch, self.seen_in_epoch = 0, 0, 0, 0   # seen: samples, all ranks
         self.best, self.stop_signal = float("inf"), None
-        self.bad_steps = self.skipped = 0                          # non-finite steps: in a row, in all
+        self.skipped, self.nonfinite = 0, NonFinite(self.device)     # non-finite steps: counted, skipped on the device
         self.log_path = Path(cfg.output).with_suffix(".log.jsonl")
         self.saver, self.saved_at, self.resuming = ResumeWriter(cfg.output), time.monotonic(), cfg.resume
 
@@ -166,15 +153,17 @@ class Trainer:
         return None if any(p.requires_grad for p in params) else CachedTower(tower, self.cfg.feature_cache_gb * 2 ** 30)
 
     def training_step(self, train_data, val_data) -> torch.nn.Module:
-        """The model and aux head as one module on the device (parallel), with --compile compiled."""
+        """The model and aux head as one module on the device (parallel). With --compile, forward and
+        backward are compiled as one step (train_step.compile_step); evaluation and generate() keep
+        using the plain model."""
         net = TrainStep(self.model, self.aux, self.cfg.aux_weight)
         if self.world > 1:
             for data in (train_data, val_data):
                 if hasattr(data, "split_by_node"):          # streamed sources read disjoint rows per rank
                     data.split_by_node(self.rank, self.world)
         net = self.parallel(net)
-        if self.cfg.compile:            # evaluation and generate() keep using the plain model
-            net = torch.compile(net)
+        whole = self.world == 1 and self.feature_cache is None
+        self.forward_backward = compile_step(whole) if self.cfg.compile else forward_backward
         return net
 
     def parallel(self, net: torch.nn.Module) -> torch.nn.Module:
@@ -225,8 +214,9 @@ class Trainer:
         """One pass over the epoch's batches, from where a resumed run stopped.
         Returns (mean language-model loss, samples per second), over all ranks."""
         bar = epoch_bar(self.batches_per_epoch, self.batch_in_epoch, f"Epoch {epoch + 1}/{self.cfg.epochs}", self.is_main)
-        running, seen, t0, samples, shown = 0.0, 0, time.time(), 0, 0.0
+        running, seen, t0, samples = 0.0, 0, time.time(), 0
         batches = self.loader(self.train_data, epoch, self.seen_in_epoch)
+        shown_every = self.cfg.accum * self.cfg.log_every          # reading the loss waits for the device
         with bar:
             for j, batch in enumerate(batches):
                 batch = self.to_device(batch)
@@ -234,12 +224,12 @@ class Trainer:
                 running = running + lm_loss                    # stays on the device: no per-step sync
                 seen += 1
                 samples += len(batch["input_ids"]) * self.world
-                if self.is_main and (j == len(batches) - 1 or time.time() - shown > 0.5):  # read the loss only to show it
-                    shown = time.time()
+                if self.is_main and (j == len(batches) - 1 or (j + 1) % shown_every == 0):
                     lr = self.opt.param_groups[0]["lr"]
                     bar.set_postfix_str(f"loss={float(lm_loss):.2f}, avg={float(running) / seen:.2f}, lr={lr:.1e}",
                                         refresh=False)
                 bar.update(1)
+        self.check_nonfinite()
         total, count, samples = self.all_reduce([float(running), seen, samples])
         return total / max(1, count), samples / (time.time() - t0)
 
@@ -249,52 +239,57 @@ class Trainer:
         stop (after a save that completes first) if a signal came."""
         # accumulation micro-batches keep their gradients local; the last one all-reduces
         quiet = self.net.no_sync() if self.world > 1 and not sync else contextlib.nullcontext()
+        scale = 1 / self.cfg.accum
+        if self.scaler.is_enabled():                            # fp16's loss scale
+            scale = self.scaler.scale(torch.full((), scale, device=self.device))
         with quiet:
-            loss, lm_loss = self.loss(batch)
-            self.scaler.scale(loss / self.cfg.accum).backward()
+            lm_loss = self.forward_backward(self.loss, batch, scale)
         self.batch_in_epoch += 1
         self.seen_in_epoch += self.global_batch
         if sync:
             self.optimizer_step()
             self.pace.step_done(self.step)
+            if self.step % self.cfg.log_every == 0:
+                self.check_nonfinite()
             if self.save_due():
                 self.save_resume(background=True)
             if self.should_stop():
                 self.save_resume(background=False)
                 raise TrainingInterrupted(resume_path(self.cfg.output))
-        return lm_loss.detach()
+        return lm_loss
 
     def save_due(self) -> bool:
         """After an optimizer step: every --save-every steps, or --save-minutes after the last save."""
         every = self.cfg.save_every
         return bool(every and self.step % every == 0) or time.monotonic() - self.saved_at >= 60 * self.cfg.save_minutes
 
-    def optimizer_step(self) -> bool:
-        """Clip, step, schedule. A non-finite gradient skips the step (counted); too many in a
-        row stop the run, leaving the last good checkpoint as it was."""
+    def optimizer_step(self):
+        """Clip, schedule, step. A non-finite gradient makes the step a no-op on the device
+        (train_step.NonFinite); check_nonfinite counts and reports such steps every few steps."""
         self.scaler.unscale_(self.opt)
         params = [p for g in self.opt.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        if not torch.isfinite(norm):
-            self.opt.zero_grad(set_to_none=True)
-            self.scaler.update()
-            self.skipped += 1
-            self.bad_steps += 1
-            if self.is_main and self.dtype != torch.float16:     # fp16 loss scaling skips a few steps by design
-                self.log(f"第 {self.step + 1} 步的损失或梯度是 NaN/Inf，已跳过这一步（本次训练共跳过 {self.skipped} 步）。")
-            if self.bad_steps >= self.cfg.max_bad_steps and self.dtype != torch.float16:
-                raise UserError(f"连续 {self.bad_steps} 步出现 NaN/Inf 损失或梯度，训练已停止；上一个好的检查点未被改动。"
-                                f"请降低 --lr 或检查数据。")
-            return False
-        self.bad_steps = 0
         lr = lr_at(self.step, self.total_steps, self.cfg.lr, self.warmup_steps, self.cfg.min_lr_ratio)
         for g in self.opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
-        self.scaler.step(self.opt)
+        self.nonfinite.step(self.opt, norm, self.scaler)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        return True
+
+    def check_nonfinite(self):
+        """Every --log-every steps and at each epoch's end: steps skipped for a NaN/Inf loss or
+        gradient are counted and reported; too many in a row stop the run, leaving the last good
+        checkpoint as it was."""
+        new, longest = self.nonfinite.read()
+        self.skipped += new
+        if self.dtype == torch.float16:                  # fp16 loss scaling skips a few steps by design
+            return
+        if new and self.is_main:
+            self.log(f"截至第 {self.step} 步，最近有 {new} 步的损失或梯度是 NaN/Inf，已跳过（本次训练共跳过 {self.skipped} 步）。")
+        if longest >= self.cfg.max_bad_steps:
+            raise UserError(f"连续 {longest} 步出现 NaN/Inf 损失或梯度，训练已停止；上一个好的检查点未被改动。"
+                            f"请降低 --lr 或检查数据。")
 
     def end_epoch(self, epoch: int, train_loss: float, samples_per_s: float):
         """Report the epoch, validate, run the callback, keep the best checkpoint, log, save resume state."""
@@ -349,8 +344,8 @@ class Trainer:
         return loader
 
     def to_device(self, batch):
-        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                for k, v in batch.items()}
+        """Tensors and the collator's layout (layout.Targets) to the device, the rest as it is."""
+        return {k: v.to(self.device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
 
     # ------------------------------------------------------------------ forward passes
     def autocast(self):
@@ -381,11 +376,11 @@ class Trainer:
         for batch in self.loader(data, 0, shuffle=False):
             batch = self.to_device(batch)
             with self.autocast(), self.cached_features():
-                loss, _ = self.model(batch["input_ids"], batch["pixels"], batch["labels"])
-            total += float(loss) * len(batch["input_ids"])
+                loss, _ = scored(self.model, batch)
+            total += loss.float() * len(batch["input_ids"])          # summed on the device
             n += len(batch["input_ids"])
         self.model.train()
-        total, n = self.all_reduce([total, n])                    # every rank scored its own share
+        total, n = self.all_reduce([float(total), n])                    # every rank scored its own share
         return total / max(1, n)
 
     def epoch_report(self, epoch: int) -> EpochReport:
@@ -439,9 +434,11 @@ class Trainer:
         self.stop_signal = signum
 
     def should_stop(self) -> bool:
-        """A signal seen by any rank stops all of them at the same step (none is left waiting)."""
-        flag = float(self.stop_signal is not None)
-        return (self.all_reduce([flag], dist.ReduceOp.MAX)[0] if self.world > 1 else flag) > 0
+        """A signal seen by any rank stops all of them at the same step (none is left waiting):
+        under torchrun the ranks compare their flags every --log-every steps (an all-reduce waits)."""
+        if self.world == 1 or self.step % self.cfg.log_every:
+            return self.world == 1 and self.stop_signal is not None
+        return self.all_reduce([float(self.stop_signal is not None)], dist.ReduceOp.MAX)[0] > 0
 
     def log_metrics(self, record: dict):
         if not self.is_main:

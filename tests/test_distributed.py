@@ -24,7 +24,8 @@ from model import VLM  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from trainer import TrainConfig, Trainer, TrainingInterrupted, rank_keys  # noqa: E402
 
-STOP_AT = 6          # the worker's rank 1 "receives" SIGTERM after this optimizer step
+STOP_AT = 6          # the worker's rank 1 "receives" SIGTERM a step before this one; the ranks compare
+LOG_EVERY = 3        # their stop flags every LOG_EVERY steps, so all stop after step STOP_AT
 
 
 def build(tok, out: Path, cls=Trainer, **kw):
@@ -34,7 +35,7 @@ def build(tok, out: Path, cls=Trainer, **kw):
     train = scenes.SceneDataset(64, "train", 0, "zh", cfg.vit_image_size)
     val = scenes.SceneDataset(16, "test", 1, "zh", cfg.vit_image_size)
     tc = TrainConfig(**{**dict(epochs=3, batch_size=8, lr=3e-3, output=str(out / "m.pt"), precision="fp32",
-                               save_every=1, workers=0), **kw})
+                               save_every=1, workers=0, log_every=LOG_EVERY), **kw})
     probe = scenes.CellProbe(model.vision, cfg.vit_dim)
     initial = torch.cat([p.detach().flatten().clone() for p in list(model.parameters()) + list(probe.parameters())])
     t = cls(model, tok, train, Collator(tok, cfg), tc, val_data=val, aux=probe, log=lambda *a: None)
@@ -136,11 +137,10 @@ class RecordingTrainer(Trainer):
         torch.distributed.all_gather(gathered, mine)
         self.record["steps"].append(self.step)
         self.record["same_as_rank0"].append(all(torch.equal(g, gathered[0]) for g in gathered))
-        if self.step == STOP_AT:
-            if self.rank == 1:
-                self.stop_signal = signal.SIGTERM
-            if self.rank == 0:
-                torch.save(mine, self.record_dir / "weights_rank0.pt")
+        if self.step == STOP_AT - 1 and self.rank == 1:
+            self.stop_signal = signal.SIGTERM
+        if self.step == STOP_AT and self.rank == 0:
+            torch.save(mine, self.record_dir / "weights_rank0.pt")
         return ok
 
 

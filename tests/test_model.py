@@ -166,3 +166,8 @@ def test_training_pass_skips_nothing_it_needs(tiny, tok):
         full = tiny.lm.logits(h[:, :-1][keep])
         torch.testing.assert_close(logits, full)
         torch.testing.assert_close(loss, F.cross_entropy(full, b["labels"][:, 1:][keep]))
+        # the collator's layout (computed on the CPU, layout.py) gives the very same pass
+        loss2, logits2 = tiny(b["input_ids"], b["pixels"], attention_mask=am, image_pos=b["image_pos"],
+                              targets=b["targets"])
+        torch.testing.assert_close(logits2, full)
+        torch.testing.assert_close(loss2, loss)

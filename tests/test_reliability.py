@@ -183,12 +183,12 @@ class FaultyTrainer(Trainer):
 
 def test_nan_loss_and_inf_gradient_skip_the_step_counted_and_logged(tok, tmp_path):
     logs = []
-    t = small_trainer(tmp_path, tok, FaultyTrainer, logs)
+    t = small_trainer(tmp_path, tok, FaultyTrainer, logs, log_every=1)          # read every step
     t.nan_steps, t.inf_steps = (2,), (4,)
     t.fit()
-    assert t.skipped == 2 and t.step == 2 * 6 - 2                # 6 steps per epoch, two of them skipped
+    assert t.skipped == 2 and t.step == 2 * 6                    # 6 steps per epoch, two of them skipped
     skipped = [m for m in logs if "NaN/Inf" in m and "已跳过" in m]
-    assert len(skipped) == 2 and "共跳过 2 步" in skipped[1], logs
+    assert len(skipped) == 2 and "第 2 步" in skipped[0] and "第 4 步" in skipped[1] and "共跳过 2 步" in skipped[1], logs
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
     log = [json.loads(l) for l in (tmp_path / "m.log.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in log] == [2, 2]
