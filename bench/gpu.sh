@@ -3,7 +3,7 @@
 #   1. 真实训练路径（bench/bench_real.py）：train_vision_real.py 在生成的图片文件夹上，按配置随机初始化的
 #      CLIP-B/16 + Qwen2.5-0.5B（时间够时另有 1.5B、7B），projector / vision+projector / lora 各扫 batch
 #      直到显存不够：样本/s、MFU（规格峰值与实测峰值）、最大已分配 / 已保留显存
-#   2. 合成训练步：CLIP-B/16 + 0.5B Qwen2 尺寸，本项目与 transformers（bench/bench_sizes.py）
+#   2. 合成训练步：tiny、small 预设与 CLIP-B/16 + 0.5B Qwen2 尺寸，batch 4/8/16，本项目与 transformers（bench/bench_sizes.py）
 #   3. make bench 的两个对比基准在 GPU 上（bf16）
 # 用法：
 #   bash bench/gpu.sh            # 在有 GPU 的机器上
@@ -25,9 +25,8 @@ start=$(date +%s)
     "$PY" bench/bench_train.py --batch 2 --steps 1 --rounds 1 --no-memory --json > "$OUT/gpu_train.json"
     "$PY" bench/bench_generate.py --batches 1 --new-tokens 4 --rounds 1 --no-memory --json > "$OUT/gpu_generate.json"
   else
-    timeout 330 "$PY" bench/bench_real.py --budget 270 --out "$OUT" || echo "bench_real 超时或失败"
-    timeout 70 "$PY" bench/bench_sizes.py --sizes clip-b16+qwen2-0.5b --batches 16 64 --out "$OUT/gpu_sizes.json" \
-      || echo "bench_sizes 超时或失败"
+    timeout 310 "$PY" bench/bench_real.py --budget 250 --out "$OUT" || echo "bench_real 超时或失败"
+    timeout 90 "$PY" bench/bench_sizes.py --out "$OUT/gpu_sizes.json" || echo "bench_sizes 超时或失败"
     timeout 35 "$PY" bench/bench_train.py --device cuda --precision bf16 --steps 20 --json > "$OUT/gpu_train.json" || echo "bench_train 超时或失败"
     timeout 35 "$PY" bench/bench_generate.py --device cuda --precision bf16 --json > "$OUT/gpu_generate.json" || echo "bench_generate 超时或失败"
   fi
