@@ -9,6 +9,7 @@ import time
 import torch
 
 from errors import UserError
+from memory import drop_file_pages, unwritten_file_mappings
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,10 +80,13 @@ def store_frozen_in(model: torch.nn.Module, dtype) -> int:
     autocast a frozen fp32 weight is cast again on every forward and the cast copy is kept for the
     backward beside the original (6 bytes per parameter); stored in bf16 it is used as it is (2).
     Everything else is copied too, so no tensor still points into a memory-mapped weights file
-    (transformers maps safetensors) and the fp32 pages can leave. Returns the parameters converted."""
-    n = 0
+    (transformers maps safetensors), and each one's file pages leave as soon as it is copied: the
+    fp32 file and the bf16 copy are never resident together. Returns the parameters converted."""
+    n, mapped = 0, unwritten_file_mappings()
     for t in [*model.parameters(), *model.buffers()]:
         cast = isinstance(t, torch.nn.Parameter) and not t.requires_grad and t.ndim >= 2 and t.is_floating_point()
-        t.data = t.data.to(dtype, copy=True) if cast else t.data.clone()
+        old = t.data
+        t.data = old.to(dtype, copy=True) if cast else old.clone()
+        drop_file_pages(old, mapped)
         n += t.numel() if cast else 0
     return n

@@ -2,7 +2,7 @@
 训练吞吐、MFU 与峰值显存（随机权重，按配置构建，不下载任何东西）。由 bench/gpu.sh 调用。
 
     .venv/bin/python bench/bench_sizes.py                 # GPU：完整检查
-    .venv/bin/python bench/bench_sizes.py --smoke         # CPU：同样的代码路径，层数减为 1，几十秒
+    .venv/bin/python bench/bench_sizes.py --smoke         # CPU：同样的代码路径，层数减为 1、词表至多 4096，几十秒
 
 Each row: our VLM (and, unless --no-hf, transformers' LLaVA with the same shapes and weights)
 trained with AdamW under bf16 autocast on one batch of [bos, 7 text, <image>xN, 24 answer] tokens.
@@ -85,7 +85,7 @@ def cpu_memory_in_child(size: str, batch: int, which: str, precision: str) -> in
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="GPU 规模检查：两种尺寸 × batch 4/8/16 的训练吞吐、MFU、峰值显存。")
-    p.add_argument("--smoke", action="store_true", help="CPU 冒烟：层数减为 1、batch 1、各 1 步，只验证代码能跑通")
+    p.add_argument("--smoke", action="store_true", help="CPU 冒烟：层数减为 1、词表至多 4096、batch 1、各 1 步，只验证代码能跑通")
     p.add_argument("--device", default=None, help="设备 (默认: 有 GPU 用 cuda，--smoke 用 cpu)")
     p.add_argument("--batches", type=int, nargs="+", default=None, help="批次大小 (默认: 4 8 16)")
     p.add_argument("--steps", type=int, default=10, help="计时步数 (默认: 10)")
@@ -120,8 +120,9 @@ def main(argv=None):
         if args.sizes and size not in args.sizes:
             continue
         args.size_name = size
-        if args.smoke:
-            sizes = {**sizes, "vit_layers": 1, "lm_layers": 1}
+        if args.smoke:                  # the same shapes, one layer each and a small vocabulary
+            sizes = {**sizes, "vit_layers": 1, "lm_layers": 1,
+                     "lm_vocab_size": min(sizes.get("lm_vocab_size", 4096), 4096)}
         t = time.perf_counter()
         ours, hf = build_pair(sizes)
         n_params = sum(p.numel() for p in ours.parameters())

@@ -116,9 +116,11 @@ def make_batch(cfg: VLMConfig, batch: int, seed: int = 0):
     return ids, pixels, labels
 
 
-def train_flops_per_sample(cfg: VLMConfig, seq: int, supervised: int) -> float:
+def train_flops_per_sample(cfg: VLMConfig, seq: int, supervised: int, passes=(3, 3, 3)) -> float:
     """Forward matmul FLOPs x 3 (backward = 2x forward). Attention scores count the full square
-    (vision) and the causal half (LM); logits only on supervised positions."""
+    (vision) and the causal half (LM); logits only on supervised positions. passes: the multiple
+    of the forward for (vision, projector, LM): 3 trains, 2 frozen on the gradient's way (the
+    backward to its input only), 1 frozen before anything that trains."""
     n, dv, d = cfg.image_tokens + 1, cfg.vit_dim, cfg.lm_dim
     hd, mlp = d // cfg.lm_heads, int(dv * cfg.vit_mlp_ratio)
     vision = 2 * (n - 1) * 3 * cfg.vit_patch_size ** 2 * dv
@@ -127,7 +129,7 @@ def train_flops_per_sample(cfg: VLMConfig, seq: int, supervised: int) -> float:
     per_layer = 2 * seq * (d * (cfg.lm_heads + 2 * cfg.lm_kv_heads) * hd + d * d + 3 * d * cfg.lm_hidden)
     per_layer += 2 * seq * seq * d                                      # causal QK^T + AV
     lm = cfg.lm_layers * per_layer + 2 * supervised * d * cfg.lm_vocab_size
-    return 3.0 * (vision + projector + lm)
+    return float(passes[0] * vision + passes[1] * projector + passes[2] * lm)
 
 
 def matmul_peak(dtype, device, n=1024, reps=8) -> float:

@@ -35,13 +35,19 @@ def test_generation_bench_checks_identical_tokens_and_reports_its_floor():
 
 
 def test_gpu_check_script_runs_its_code_paths_on_the_cpu(tmp_path):
-    """bench/gpu.sh --smoke: the GPU check's three steps at 1 layer / batch 1 on this CPU, so the
-    script that waits for a lent GPU is known to run end to end."""
+    """bench/gpu.sh --smoke: the GPU check's four steps at tiny shapes on this CPU, so the script
+    that waits for a lent GPU is known to run end to end; the real path (train_vision_real.py on a
+    generated folder) sweeps two batches for each --train way."""
     import os
     env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable}
     out = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--smoke"], capture_output=True, text=True,
                          timeout=300, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    real = json.loads((tmp_path / "real.json").read_text())
+    assert [(r["train"], r["batch"]) for r in real["rows"]] == [(t, b) for t in ("projector", "vision+projector", "lora")
+                                                                for b in (2, 4)], real
+    assert all(r["samples_per_s"] > 0 and r["tflops"] > 0 and r["mfu_matmul"] > 0 for r in real["rows"])
+    assert (tmp_path / "real.md").read_text().count("| tiny |") == 6
     sizes = json.loads((tmp_path / "gpu_sizes.json").read_text())
     assert [r["size"] for r in sizes["rows"]] == ["tiny", "small", "clip-b16+qwen2-0.5b"]
     assert all(r[m]["samples_per_s"] > 0 for r in sizes["rows"] for m in ("ours", "transformers"))

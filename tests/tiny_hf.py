@@ -49,33 +49,38 @@ def save_llama(path: Path, seed: int = 0, template: bool = True, **config) -> Pa
     return path
 
 
-def save_qwen2(path: Path, seed: int = 0) -> Path:
+def save_qwen2(path: Path, seed: int = 0, device: str = "cpu", dtype=torch.float32, **config) -> Path:
+    """config: Qwen2Config fields that differ from the tiny defaults (bench/bench_real.py builds
+    Qwen2.5 shapes this way, on a GPU and saved in bf16 for the large ones)."""
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = PreTrainedTokenizerFast(tokenizer_object=_bpe(specials), eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.chat_template = CHATML_TEMPLATE
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok) + 16, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=512, tie_word_embeddings=True))
-    model.save_pretrained(path)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(Qwen2Config(**{**dict(
+            vocab_size=len(tok) + 16, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True), **config}))
+    model.to(dtype).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
 
-def save_clip(path: Path, seed: int = 0, full: bool = False) -> Path:
-    """full=True saves a whole CLIPModel (both towers), like openai/clip-vit-base-patch16 on the hub."""
+def save_clip(path: Path, seed: int = 0, full: bool = False, **vision) -> Path:
+    """full=True saves a whole CLIPModel (both towers), like openai/clip-vit-base-patch16 on the hub;
+    vision: CLIPVisionConfig fields that differ from the tiny defaults (e.g. CLIP-B/16's)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel
     torch.manual_seed(seed)
-    vcfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32,
-                patch_size=8)
+    vcfg = {**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32,
+                   patch_size=8), **vision}
     if full:
         model = CLIPModel(CLIPConfig(vision_config=vcfg, text_config=dict(hidden_size=32, intermediate_size=64,
                                      num_hidden_layers=1, num_attention_heads=2, vocab_size=99), projection_dim=16))
     else:
         model = CLIPVisionModel(CLIPVisionConfig(**vcfg))
     model.save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    side = vcfg["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(path)
     return path
 
 
