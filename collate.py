@@ -6,7 +6,8 @@ the older {"image": PIL.Image | None} form means a list of one or none. Training
 right-padded (loss masks hide the pad); generation batches are left-padded with an attention
 mask so every row's last token sits at the same column. A batch's pixels are every image of
 every sample, in sample order and then image order: the order of the `<image>` runs in the
-flattened batch, which is how VLM.embed splices them.
+flattened batch, which is how VLM.embed splices them. They stay uint8 (images.to_tensor):
+VLM.embed normalises them on the device.
 """
 from __future__ import annotations
 

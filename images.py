@@ -6,13 +6,16 @@
          EXIF orientation, first frame of animations / MPO
       -> RGB: palette and alpha composited on white, 16-bit scaled, CMYK converted
       -> resize to the encoder's square input (aspect ratio not kept)
-      -> normalised tensor (3, size, size)
+      -> uint8 tensor (3, size, size): a quarter of float32's bytes on the way to the device
+      -> normalise(): on the model's device, scaled and normalised with the encoder's mean/std;
+         VLM.embed calls it, so training, evaluation and serving normalise in that one place
 A model sees the same pixels for the same file whichever side decodes it: serving may refuse
 what it must (file size, pixel count) but never decodes differently.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 from dataclasses import dataclass
@@ -135,20 +138,33 @@ def resize(img: Image.Image, size: int) -> Image.Image:
 
 
 def to_tensor(img: Image.Image, cfg) -> torch.Tensor:
-    """RGB image -> (3, S, S) float tensor normalised with the encoder's mean/std. `cfg` declares
-    vit_image_size, vit_image_mean and vit_image_std (a VLMConfig)."""
+    """RGB image -> (3, S, S) uint8 tensor at the encoder's size. `cfg` declares vit_image_size
+    (a VLMConfig); normalise() makes the encoder's input of it, on the device."""
     size = cfg.vit_image_size
     img = resize(img.convert("RGB"), size)
-    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
-    x = x.permute(2, 0, 1).float().div_(255)
-    mean = torch.tensor(cfg.vit_image_mean).view(3, 1, 1)
-    std = torch.tensor(cfg.vit_image_std).view(3, 1, 1)
-    return (x - mean) / std
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
 
 
 def pixels(src, cfg, policy: ImagePolicy = ImagePolicy()) -> torch.Tensor:
-    """bytes or a path -> the tensor the vision encoder receives (what serving calls)."""
+    """bytes or a path -> the uint8 tensor the model receives (what serving calls)."""
     return to_tensor(decode(src, cfg.vit_image_size, policy), cfg)
+
+
+def normalise(pixels: torch.Tensor, cfg) -> torch.Tensor:
+    """uint8 (n, 3, S, S) pixels -> the vision encoder's float32 input on their device: scaled to
+    [0, 1], then normalised with cfg's vit_image_mean and vit_image_std. Float pixels are taken as
+    normalised already (benchmarks and tests that make their own)."""
+    if pixels.is_floating_point():
+        return pixels
+    mean, std = channel_stats(tuple(cfg.vit_image_mean), tuple(cfg.vit_image_std), pixels.device)
+    return (pixels.float().div_(255) - mean) / std
+
+
+@functools.lru_cache(maxsize=16)
+def channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, 1, 1) float32 mean and std on `device`, made once: a copy to a GPU every step would
+    make the host wait for it."""
+    return tuple(torch.tensor(v, dtype=torch.float32).view(3, 1, 1).to(device) for v in (mean, std))
 
 
 def size_of(src) -> int | None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from images import normalise
 from layout import Targets, image_positions, loss_targets
 
 
@@ -347,14 +348,15 @@ class VLM(nn.Module):
     def embed(self, input_ids, pixels=None, image_pos=None):
         """Token embeddings with each run of `<image>` tokens replaced by projected patches.
         The runs take the images in reading order (row by row, left to right), so pixels
-        (n_images, 3, H, W) list each row's images in turn, any number per row (collate.py).
+        (n_images, 3, H, W), uint8, list each row's images in turn, any number per row (collate.py).
         image_pos: those tokens' flat positions (layout.image_positions), found here if not given."""
         x = self.lm.embed(input_ids)                                 # (B, T, D)
         n_images = 0 if pixels is None else len(pixels)
         if image_pos is None:
             image_pos = image_positions(input_ids, n_images, self.cfg.image_token_id, self.cfg.image_tokens)
         if n_images:
-            feats = self.projector(self.vision(pixels.to(self.projector.fc1.weight.dtype)))  # (B_img, N, D)
+            pixels = normalise(pixels, self.cfg).to(self.projector.fc1.weight.dtype)     # uint8 -> float here
+            feats = self.projector(self.vision(pixels))                                   # (B_img, N, D)
             x = x.flatten(0, 1).index_copy(0, image_pos, feats.flatten(0, 1).to(x.dtype)).view_as(x)
         return x
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from images import normalise
+
 
 class PixelProbe(torch.nn.Module):
-    def __init__(self, vision: torch.nn.Module, vit_dim: int, patch_grid: int, side: int = 8):
+    def __init__(self, vision: torch.nn.Module, cfg, side: int = 8):
         super().__init__()
-        self.grid, self.side = patch_grid, side
-        self.head = torch.nn.Linear(vit_dim, 3 * side * side)
+        self.cfg, self.grid, self.side = cfg, cfg.vit_image_size // cfg.vit_patch_size, side
+        self.head = torch.nn.Linear(cfg.vit_dim, 3 * side * side)
         self.feats = None
         vision.register_forward_hook(self._keep)
 
@@ -26,9 +28,9 @@ class PixelProbe(torch.nn.Module):
         self.feats = output if module.training else None
 
     def targets(self, pixels):
-        """(M, 3, H, W) -> (M, grid², 3·side²): each patch's pixels pooled to side×side, row-major."""
+        """(M, 3, H, W) -> (M, grid², 3·side²): each patch's normalised pixels pooled to side×side, row-major."""
         g, s = self.grid, self.side
-        small = F.adaptive_avg_pool2d(pixels.float(), g * s)                     # (M, 3, g·s, g·s)
+        small = F.adaptive_avg_pool2d(normalise(pixels, self.cfg), g * s)                     # (M, 3, g·s, g·s)
         return small.reshape(-1, 3, g, s, g, s).permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)
 
     def forward(self, batch):
@@ -44,4 +46,4 @@ def for_model(model) -> PixelProbe | None:
     vision, cfg = model.vision, model.cfg
     if vision.source is not None or not any(p.requires_grad for p in vision.parameters()):
         return None
-    return PixelProbe(vision, cfg.vit_dim, cfg.vit_image_size // cfg.vit_patch_size)
+    return PixelProbe(vision, cfg)

@@ -10,6 +10,7 @@ from PIL import Image
 import backbones
 import export_hf
 import tiny_hf
+from images import normalise
 from checkpoint import load_checkpoint, save_checkpoint
 from collate import Collator
 from model import VLM
@@ -60,7 +61,7 @@ def compare(model, tok, llava, processor, prompt_text, images=None):
     batch = Collator(tok, model.cfg, train=False)([{"images": images, "messages": [{"role": "user", "content": "描述这张图片。"}]}])
     inputs = processor(images=images, text=prompt_text, return_tensors="pt")
     assert inputs["input_ids"].tolist() == batch["input_ids"].tolist()          # same template, same <image> expansion
-    assert torch.allclose(inputs["pixel_values"], batch["pixels"], atol=1e-5)     # same preprocessing
+    assert torch.allclose(inputs["pixel_values"], normalise(batch["pixels"], model.cfg), atol=1e-5)   # same preprocessing
     with torch.no_grad():
         ours = model(batch["input_ids"], batch["pixels"])[1]
         theirs = llava(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits

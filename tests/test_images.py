@@ -19,7 +19,7 @@ import captions
 import folders
 from checkpoint import save_checkpoint
 from collate import Collator
-from images import BadImage, ImagePolicy, decode
+from images import BadImage, ImagePolicy, decode, normalise
 from model import VLM
 from tests.conftest import tiny_config
 from tests.serve_helpers import ROOT, free_port, stop, wait_http
@@ -151,7 +151,7 @@ def test_training_and_serving_give_the_model_identical_pixels(odd_files, tok, tm
     trained = {}
     for k in range(len(data)):
         name = rows.names[data.index[k][0]]
-        trained[name] = collate([data[(0, k)]])["pixels"][0]
+        trained[name] = normalise(collate([data[(0, k)]])["pixels"], cfg)[0]     # what the encoder gets
     assert sorted(trained) == sorted(ODD)                  # every odd file is usable for training
 
     rec, port = tmp_path / "rec", free_port()
@@ -173,3 +173,21 @@ def test_training_and_serving_give_the_model_identical_pixels(odd_files, tok, tm
             assert torch.equal(served[0], trained[name]), f"{name}: serving decoded differently from training"
     finally:
         stop(proc)
+
+
+def test_pixels_travel_as_uint8_and_the_model_normalises_them_once(tok):
+    """The collator's pixels are the image's own bytes (a quarter of float32's); VLM.embed makes
+    the encoder's input of them with the same float32 steps as the CPU collator took before."""
+    torch.manual_seed(0)
+    cfg = tiny_config(tok, vit_image_size=32, vit_image_mean=(0.48145466, 0.4578275, 0.40821073),
+                      vit_image_std=(0.26862954, 0.26130258, 0.27577711))
+    img = photo(40, 30)
+    batch = Collator(tok, cfg, train=False)([{"image": img, "messages": [{"role": "user", "content": "hi"}]}])
+    px = batch["pixels"]
+    assert px.dtype == torch.uint8 and px.shape == (1, 3, 32, 32)
+    assert torch.equal(px[0].permute(1, 2, 0), torch.from_numpy(np.asarray(img.resize((32, 32), Image.BICUBIC, reducing_gap=3.0))))
+    before = (px[0].float().div_(255) - torch.tensor(cfg.vit_image_mean).view(3, 1, 1)) / torch.tensor(cfg.vit_image_std).view(3, 1, 1)
+    assert torch.equal(normalise(px, cfg)[0], before)
+    model = VLM(cfg).eval()
+    with torch.no_grad():
+        assert torch.equal(model.embed(batch["input_ids"], px), model.embed(batch["input_ids"], normalise(px, cfg)))

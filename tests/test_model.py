@@ -3,6 +3,7 @@ import torch
 from PIL import Image
 
 from collate import Collator
+from images import normalise
 from model import VLMConfig, positions_and_mask, sample
 from conftest import tiny_config
 
@@ -28,7 +29,7 @@ def test_config_round_trips_through_a_plain_dict(tok):
 def test_splice_puts_image_features_exactly_at_placeholders(tiny, tok):
     b = prompts(tok, tiny.cfg, ["描述这张图片", "hi"])
     emb = tiny.embed(b["input_ids"], b["pixels"])
-    feats = tiny.projector(tiny.vision(b["pixels"]))                 # (2, N, D)
+    feats = tiny.projector(tiny.vision(normalise(b["pixels"], tiny.cfg)))   # (2, N, D)
     text = tiny.lm.embed(b["input_ids"])
     is_img = b["input_ids"] == tok.image_id
     assert is_img.sum() == 2 * tiny.cfg.image_tokens

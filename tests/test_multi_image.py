@@ -8,7 +8,7 @@ from PIL import Image
 import backbones
 import tiny_hf
 from collate import Collator
-from images import to_tensor
+from images import normalise, to_tensor
 from model import VLM, VLMConfig, positions_and_mask
 from tests.conftest import tiny_config
 
@@ -82,7 +82,7 @@ def test_each_image_lands_in_its_own_run(tok):
     batch = Collator(tok, model.cfg, train=False)(samples()[2:3])
     with torch.no_grad():
         emb = model.embed(batch["input_ids"], batch["pixels"])[0]
-        feats = model.projector(model.vision(batch["pixels"]))        # (2, N, D)
+        feats = model.projector(model.vision(normalise(batch["pixels"], model.cfg)))   # (2, N, D)
     runs = emb[batch["input_ids"][0] == tok.image_id].view(2, model.cfg.image_tokens, -1)
     torch.testing.assert_close(runs, feats)
     assert not torch.allclose(feats[0], feats[1])
