@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from distributed import on_rank0
 from errors import UserError
 from images import MAX_PIXELS, BadImage, ImagePolicy, decode
 
@@ -212,13 +213,12 @@ def first_readable(part, k: int, n: int, read, named, none: str):
 
 
 def check_images(data: CaptionSet, max_bad_ratio: float, workers: int = 0) -> CaptionSet:
-    """Decode every image once (in threads; PIL releases the GIL) before training starts. Bad
-    ones are dropped, counted and the first few named; above max_bad_ratio the run stops."""
+    """Decode every image once (in threads; PIL releases the GIL) before training starts; under
+    torchrun rank 0 alone decodes and the other ranks take its result. Bad ones are dropped,
+    counted and the first few named; above max_bad_ratio the run stops."""
     rows = data.rows
     refused = [i for i, r in enumerate(rows.refs) if r.refused]
-    threads = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(lambda i: _try_load(data, i), data.images))
+    results = on_rank0(lambda: decode_all(data, workers))         # under torchrun: rank 0 decodes, all get it
     bad = [(rows.names[i], rows.refs[i].refused) for i in refused]
     bad += [(rows.names[i], err) for i, err in zip(data.images, results) if err]
     total = len(data.images) + len(refused)
@@ -235,6 +235,12 @@ def check_images(data: CaptionSet, max_bad_ratio: float, workers: int = 0) -> Ca
     kept = data.subset([p for p, i in enumerate(data.images) if i in good])
     kept.bad = bad
     return kept
+
+
+def decode_all(data: CaptionSet, workers: int) -> list:
+    """Each of data.images decoded in threads: None if it can be used, else why not."""
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda i: _try_load(data, i), data.images))
 
 
 def _try_load(data: CaptionSet, i: int):
@@ -262,7 +268,7 @@ class Mixture(torch.utils.data.Dataset):
         return int(self.starts[-1])
 
     def split_by_node(self, rank: int, world: int):
-        """Under torchrun (the trainer calls this): streamed parts give each rank its own rows."""
+        """Under torchrun (sources.Sources.training_data calls this): streamed parts give each rank its own rows."""
         for part in self.parts:
             if hasattr(part, "split_by_node"):
                 part.split_by_node(rank, world)

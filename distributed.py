@@ -1,5 +1,5 @@
 """Data-parallel training under torchrun: which process this is, joining the process group, each
-rank's share of a batch order, and summing a few numbers over all ranks. A plain `python` run is
+rank's share of a batch order, start-up work done once on rank 0, and summing a few numbers over all ranks. A plain `python` run is
 rank 0 of 1 and never touches torch.distributed."""
 from __future__ import annotations
 
@@ -50,6 +50,26 @@ def rank_keys(order: list, batch: int, world: int, rank: int, accum: int = 1) ->
     step = batch * world * accum
     order = order[:len(order) // step * step]
     return [k for s in range(0, len(order), batch * world) for k in order[s + rank * batch:s + (rank + 1) * batch]]
+
+
+def on_rank0(compute):
+    """compute() on rank 0 alone and its result (pickled) on every rank: start-up work such as
+    checking every image is done once per run, not once per process. Without a process group
+    (a plain run) compute() runs here. An exception on rank 0 is raised on every rank, so none
+    waits for a result that will not come."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return compute()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [(True, compute())]
+        except Exception as e:                 # noqa: BLE001 - handed to every rank, raised there
+            box = [(False, e)]
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def all_reduce(values: list[float], world: int, device: torch.device, op=None) -> list[float]:

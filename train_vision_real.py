@@ -20,7 +20,7 @@ import images
 import pixel_probe
 import sources
 from checkpoint import discard_resume, load_checkpoint
-from distributed import say
+from distributed import init_distributed, say
 from collate import Collator
 from devices import default_workers, resolve_device
 from errors import ArgumentParser, UserError, cli
@@ -116,7 +116,7 @@ def main(argv=None):
     cfg = config_from_args(a)
     cfg.validate()
     check_flags(a)
-    resolve_device(a.device)
+    init_distributed(resolve_device(a.device))     # under torchrun: the group first, so rank 0 alone checks images
     workers = default_workers() if a.workers < 0 else a.workers
     data = sources.from_args(a, workers)
     texts = data.texts()
