@@ -22,6 +22,7 @@ import conversations
 import folders
 import hub
 from captions import CaptionSet, Mixture, Rows, check_images
+from distributed import dist_env, say
 from errors import UserError
 from images import MAX_PIXELS
 
@@ -301,10 +302,13 @@ class Sources:
         if limit is not None:
             parts = [tuple(limit.fit(p) for p in pair) for pair in parts]
         train = Mixture([t for t, _ in parts], [s.weight for s in self.sources], self.o.seed)
+        rank, world, _ = dist_env()
+        if world > 1:                   # under torchrun a stream's rows are split here, before its shards are counted
+            train.split_by_node(rank, world)
         val_parts = [v for _, v in parts if v is not None and len(v)]
-        workers, shards = self.o.workers, train.shards()
-        if shards is not None and workers > shards:     # datasets gives each worker whole shards
-            print(f"流式数据只有 {shards} 个分片，数据加载进程数从 {workers} 降为 {shards}。", flush=True)
+        workers, shards = self.o.workers, train.shards()         # this rank's shards
+        if shards is not None and workers > shards:     # datasets gives each worker whole shards; more would find none
+            say(f"流式数据每个进程只有 {shards} 个分片，数据加载进程数从 {workers} 降为 {shards}。")
             workers = shards
         val = Mixture(val_parts, seed=self.o.seed) if val_parts else None
         print(f"训练样本 {len(train)} 条/轮" + (f"，验证图片 {len(val)} 张" if val else "，没有验证集"), flush=True)

@@ -122,7 +122,7 @@ class Trainer:
             store_frozen_in(self.model, self.dtype)
         self.aux = aux.to(self.device) if aux is not None else None
         self.feature_cache = self.cache_for(self.model.vision)
-        self.net = self.training_step(train_data, val_data)
+        self.net = self.training_step()
         modules = [self.model] + ([self.aux] if self.aux is not None else [])
         fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}
         self.opt = torch.optim.AdamW(param_groups(modules, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), **fused)
@@ -152,15 +152,11 @@ class Trainer:
             return None
         return None if any(p.requires_grad for p in params) else CachedTower(tower, self.cfg.feature_cache_gb * 2 ** 30)
 
-    def training_step(self, train_data, val_data) -> torch.nn.Module:
+    def training_step(self) -> torch.nn.Module:
         """The model and aux head as one module on the device (parallel). With --compile, forward and
         backward are compiled as one step (train_step.compile_step); evaluation and generate() keep
         using the plain model."""
         net = TrainStep(self.model, self.aux, self.cfg.aux_weight)
-        if self.world > 1:
-            for data in (train_data, val_data):
-                if hasattr(data, "split_by_node"):          # streamed sources read disjoint rows per rank
-                    data.split_by_node(self.rank, self.world)
         net = self.parallel(net)
         whole = self.world == 1 and self.feature_cache is None
         self.forward_backward = compile_step(whole) if self.cfg.compile else forward_backward

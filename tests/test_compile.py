@@ -82,8 +82,8 @@ class CompiledTrainer(Trainer):
     """--compile's step (whole: fullgraph=True) with the counting backend; records the lengths seen."""
     backend, lengths = None, set()
 
-    def training_step(self, train_data, val_data):
-        net = super().training_step(train_data, val_data)
+    def training_step(self):
+        net = super().training_step()
         assert self.forward_backward.__wrapped__ is forward_backward          # --compile: the compiled step
         self.forward_backward = compile_step(backend=self.backend)
         return net
