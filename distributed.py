@@ -1,6 +1,6 @@
 """Data-parallel training under torchrun: which process this is, joining the process group, each
-rank's share of a batch order, start-up work done once on rank 0, and summing a few numbers over all ranks. A plain `python` run is
-rank 0 of 1 and never touches torch.distributed."""
+rank's share of a batch order, start-up work done once on rank 0, and summing a few numbers over
+all ranks. A plain `python` run is rank 0 of 1 and never touches torch.distributed."""
 from __future__ import annotations
 
 import datetime
@@ -63,7 +63,7 @@ def on_rank0(compute):
     if dist.get_rank() == 0:
         try:
             box = [(True, compute())]
-        except Exception as e:                 # noqa: BLE001 - handed to every rank, raised there
+        except Exception as e:                 # handed to every rank and raised there
             box = [(False, e)]
     dist.broadcast_object_list(box, src=0)
     ok, value = box[0]

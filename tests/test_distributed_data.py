@@ -65,6 +65,7 @@ def test_rank0_alone_checks_the_images_and_both_ranks_train_on_its_kept_set(ran)
     folder = [r["folder"] for r in rec]
     assert sorted(folder[0]["check_opens"]) == sorted(every)          # each image decoded once, on rank 0
     assert folder[1]["check_opens"] == []                            # rank 1 took rank 0's result
+    assert rec[0]["raised"] and rec[1]["raised"]                       # rank 0's error reaches rank 1 too
     assert err.count("跳过 1/13 张无法使用的图片") == 2                   # both ranks know the same bad image
     # 11 of the 12 good images train (one held out): 2 global batches of 2 x 2 per epoch, the
     # ranks' halves disjoint - the same kept set and order on both, the broken image on neither
@@ -102,6 +103,7 @@ def worker(tmp: Path):
     import torch.distributed as dist
     import train_vision_real
     import trainer
+    from distributed import on_rank0
     rank = int(os.environ["RANK"])
     opens = []
 
@@ -120,7 +122,12 @@ def worker(tmp: Path):
 
     train_vision_real.main(["--data-path", str(tmp / "folder"), "--epochs", "1", "--max-bad-ratio", "0.5",
                             "--output", str(tmp / "folder.pt"), *TINY])
-    record = {"folder": {"check_opens": [n for n, main in opens if not main], "steps": steps[:],
+    try:                                    # rank 0 failing: every rank raises, none waits for it
+        on_rank0(lambda: 1 / 0)
+        raised = False
+    except ZeroDivisionError:
+        raised = True
+    record = {"raised": raised, "folder": {"check_opens": [n for n, main in opens if not main], "steps": steps[:],
                          "train_opens": [n for n, main in opens if main]}}
     steps.clear()
     train_vision_real.main(["--dataset-name", str(tmp / "stream"), "--streaming", "--shuffle-buffer", "1",
