@@ -15,7 +15,6 @@ what it must (file size, pixel count) but never decodes differently.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import os
 from dataclasses import dataclass
@@ -156,15 +155,10 @@ def normalise(pixels: torch.Tensor, cfg) -> torch.Tensor:
     normalised already (benchmarks and tests that make their own)."""
     if pixels.is_floating_point():
         return pixels
-    mean, std = channel_stats(tuple(cfg.vit_image_mean), tuple(cfg.vit_image_std), pixels.device)
-    return (pixels.float().div_(255) - mean) / std
-
-
-@functools.lru_cache(maxsize=16)
-def channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(3, 1, 1) float32 mean and std on `device`, made once: a copy to a GPU every step would
-    make the host wait for it."""
-    return tuple(torch.tensor(v, dtype=torch.float32).view(3, 1, 1).to(device) for v in (mean, std))
+    x = pixels.float().div_(255)
+    for c, (m, s) in enumerate(zip(cfg.vit_image_mean, cfg.vit_image_std)):
+        x[:, c].sub_(m).div_(s)           # plain numbers: no mean/std tensor to copy to the device each step
+    return x
 
 
 def size_of(src) -> int | None:

@@ -185,7 +185,7 @@ def test_pixels_travel_as_uint8_and_the_model_normalises_them_once(tok):
     batch = Collator(tok, cfg, train=False)([{"image": img, "messages": [{"role": "user", "content": "hi"}]}])
     px = batch["pixels"]
     assert px.dtype == torch.uint8 and px.shape == (1, 3, 32, 32)
-    assert torch.equal(px[0].permute(1, 2, 0), torch.from_numpy(np.asarray(img.resize((32, 32), Image.BICUBIC, reducing_gap=3.0))))
+    assert torch.equal(px[0].permute(1, 2, 0), torch.from_numpy(np.array(img.resize((32, 32), Image.BICUBIC, reducing_gap=3.0))))
     before = (px[0].float().div_(255) - torch.tensor(cfg.vit_image_mean).view(3, 1, 1)) / torch.tensor(cfg.vit_image_std).view(3, 1, 1)
     assert torch.equal(normalise(px, cfg)[0], before)
     model = VLM(cfg).eval()
