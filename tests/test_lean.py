@@ -35,7 +35,7 @@ def run(model, embeds, autocast: bool):
 @pytest.mark.parametrize("cls,config_cls", [(LlamaForCausalLM, LlamaConfig), (Qwen2ForCausalLM, Qwen2Config)])
 def test_bf16_frozen_model_same_logits_and_input_gradients(cls, config_cls):
     """The training case: bf16 weights under bf16 autocast. The forward is bit-identical; the
-    backward rounds once (fp32 inside) where autograd rounds after each op."""
+    norm's backward rounds once (fp32 inside) where autograd rounds after each op."""
     hf, lean = frozen_pair(cls, config_cls, torch.bfloat16)
     embeds = torch.randn(2, 7, 64, dtype=torch.bfloat16)
     (want, want_grad), (got, got_grad) = run(hf, embeds, True), run(lean, embeds, True)
