@@ -101,3 +101,15 @@ def test_trainable_modules_keep_hf_forward():
     assert frozen_lean(model) == 2 * 2 + 2 + 1 - 2
     assert "forward" not in vars(model.model.layers[0].mlp) and "forward" in vars(model.model.layers[1].mlp)
     assert "forward" not in vars(model.model.layers[1].input_layernorm)
+
+
+def test_bf16_mlp_gradients_are_hf_autograds_exactly():
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    torch.manual_seed(0)
+    hf = LlamaMLP(LlamaConfig(**SHAPE)).requires_grad_(False).to(torch.bfloat16)
+    lean = copy.deepcopy(hf)
+    assert frozen_lean(lean) == 1
+    x, grad = torch.randn(2, 7, 64, dtype=torch.bfloat16), torch.randn(2, 7, 64, dtype=torch.bfloat16)
+    want, got = hf(x.requires_grad_(True)), lean(x)
+    assert torch.equal(got, want)
+    assert torch.equal(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0])
