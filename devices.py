@@ -10,6 +10,7 @@ import torch
 
 from errors import UserError
 from memory import drop_file_pages, unwritten_file_mappings
+from lean import frozen_lean
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,7 +82,8 @@ def store_frozen_in(model: torch.nn.Module, dtype) -> int:
     backward beside the original (6 bytes per parameter); stored in bf16 it is used as it is (2).
     Everything else is copied too, so no tensor still points into a memory-mapped weights file
     (transformers maps safetensors), and each one's file pages leave as soon as it is copied: the
-    fp32 file and the bf16 copy are never resident together. Returns the parameters converted."""
+    fp32 file and the bf16 copy are never resident together. The frozen decoder blocks also keep
+    less for the backward from here on (lean.frozen_lean). Returns the parameters converted."""
     n, mapped = 0, unwritten_file_mappings()
     for t in [*model.parameters(), *model.buffers()]:
         cast = isinstance(t, torch.nn.Parameter) and not t.requires_grad and t.ndim >= 2 and t.is_floating_point()
@@ -89,4 +91,5 @@ def store_frozen_in(model: torch.nn.Module, dtype) -> int:
         t.data = old.to(dtype, copy=True) if cast else old.clone()
         drop_file_pages(old, mapped)
         n += t.numel() if cast else 0
+    frozen_lean(model)
     return n

@@ -2,7 +2,8 @@
 + 小 CLIP，`--precision bf16 --train projector`，只存改动部分（delta）。三种做法各跑一次，每次一个独立进程：
   改动前   冻结的底座以 fp32 保存，指纹先把整个张量复制成 float64 再求和（旧代码）；
   fp32     冻结的底座仍以 fp32 保存，指纹分块求和（单看 bf16 保存省了多少）；
-  改动后   冻结的底座以 bf16 保存（devices.store_frozen_in，转换时逐个放开映射文件的页，memory.py），指纹分块求和。
+  改动后   冻结的底座以 bf16 保存（devices.store_frozen_in，转换时逐个放开映射文件的页，memory.py），
+           冻结的解码层只给反向留必需的张量（lean.py），指纹分块求和。
 报告整个进程的峰值 RSS（加载 + 训练）、其中训练阶段的峰值，以及“改动后 / 改动前”之比。
 
     .venv/bin/python bench/bench_memory.py              # 约 3 亿参数，几分钟
