@@ -28,7 +28,8 @@ import time
 
 import torch
 
-from model import GROW, positions_and_mask, sample
+from layout import positions_and_mask
+from model import GROW, sample
 
 log = logging.getLogger("engine")
 

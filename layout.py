@@ -1,5 +1,5 @@
 """Where a batch's image features splice in and which positions its loss is taken at, worked out
-from the token ids alone.
+from the token ids alone; and a padded batch's positions and attention mask.
 
 The collator computes both on the CPU beside the padding, so the training step on the device has
 no shape that depends on the data: nothing in it waits for the host (no .item(), no nonzero()),
@@ -45,3 +45,18 @@ def loss_targets(labels) -> Targets:
     start = int(cols[0]) if len(cols) else 0
     rows, col = keep[:, start:].nonzero(as_tuple=True)
     return Targets(start, rows * (labels.shape[1] - start) + col, target[:, start:][keep[:, start:]])
+
+
+def positions_and_mask(attention_mask, shape):
+    """Positions count only real tokens (left padding shifts them); the mask is causal and
+    hides pad keys. With no padding, mask is None and SDPA's fast causal path is used."""
+    B, T = shape
+    if attention_mask is None or bool(attention_mask.all()):
+        dev = None if attention_mask is None else attention_mask.device
+        return torch.arange(T, device=dev).expand(B, T), None
+    am = attention_mask.bool()
+    positions = (am.long().cumsum(1) - 1).clamp(min=0)
+    causal = torch.ones(T, T, dtype=torch.bool, device=am.device).tril()
+    mask = causal & am[:, None, None, :]                   # (B, 1, T, T)
+    mask |= torch.eye(T, dtype=torch.bool, device=am.device)  # pad rows attend to themselves (no NaN)
+    return positions, mask

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from images import normalise
-from layout import Targets, image_positions, loss_targets
+from layout import Targets, image_positions, loss_targets, positions_and_mask
 
 
 @dataclass
@@ -99,7 +99,7 @@ class VisionBlock(nn.Module):
     def forward(self, x):                                    # x: (B, N, D)
         B, N, D = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, D // self.heads).unbind(2)
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        a = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         x = x + self.out(a.transpose(1, 2).reshape(B, N, D))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
@@ -122,7 +122,9 @@ class VisionEncoder(nn.Module):
                                     for _ in range(cfg.vit_layers))
 
     def forward(self, pixels):                               # pixels: (B, 3, H, W), normalised
-        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)          # (B, N, Dv)
+        p = self.cfg.vit_patch_size                          # the patch conv as one matmul (faster in bf16)
+        patches = pixels.unflatten(2, (-1, p)).unflatten(4, (-1, p)).permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)
+        x = F.linear(patches, self.patch_embed.weight.flatten(1))          # (B, N, Dv)
         x = torch.cat([self.cls.expand(x.shape[0], 1, -1).to(x.dtype), x], 1) + self.pos
         x = self.pre_norm(x)
         for block in self.blocks:
@@ -193,6 +195,15 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
+def attend(q, k, v, **kw):
+    """Scaled dot-product attention; under bf16 autocast a CPU computes it in fp32: torch's CPU
+    attention is ~3x slower in bf16 (its backward), the matmuls around it much faster (docs/training.md)."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw)
+    return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
 class KVCache:
     """Keys/values for every layer: k, v (L, B, H_kv, capacity, hd), columns [0, len) filled;
     rows of different lengths are right-aligned (shorter histories padded on the left). Allocated
@@ -256,7 +267,7 @@ class DecoderBlock(nn.Module):
         # no mask: causal over a fresh prompt; a single new token may see every cached key (a branch,
         # so that under torch.compile a symbolic length becomes a guard, not a SymBool SDPA refuses)
         causal = mask is None and (True if Tq > 1 else False)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.heads)
+        a = attend(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.heads)
         x = x + self.o(a.transpose(1, 2).reshape(B, Tq, D))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, -1)
         return x + self.down(F.silu(gate) * up)
@@ -411,21 +422,6 @@ class VLM(nn.Module):
             h = self.lm(self.lm.embed(tok[:, None]), next_pos[:, None],
                         None if mask is None else key_mask[:, None, None, :], cache)
             next_pos = next_pos + 1
-
-
-def positions_and_mask(attention_mask, shape):
-    """Positions count only real tokens (left padding shifts them); the mask is causal and
-    hides pad keys. With no padding, mask is None and SDPA's fast causal path is used."""
-    B, T = shape
-    if attention_mask is None or bool(attention_mask.all()):
-        dev = None if attention_mask is None else attention_mask.device
-        return torch.arange(T, device=dev).expand(B, T), None
-    am = attention_mask.bool()
-    positions = (am.long().cumsum(1) - 1).clamp(min=0)
-    causal = torch.ones(T, T, dtype=torch.bool, device=am.device).tril()
-    mask = causal & am[:, None, None, :]                   # (B, 1, T, T)
-    mask |= torch.eye(T, dtype=torch.bool, device=am.device)  # pad rows attend to themselves (no NaN)
-    return positions, mask
 
 
 def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):

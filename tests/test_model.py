@@ -4,7 +4,8 @@ from PIL import Image
 
 from collate import Collator
 from images import normalise
-from model import VLMConfig, positions_and_mask, sample
+from layout import positions_and_mask
+from model import VLMConfig, sample
 from conftest import tiny_config
 
 
@@ -172,3 +173,18 @@ def test_training_pass_skips_nothing_it_needs(tiny, tok):
                               targets=b["targets"])
         torch.testing.assert_close(logits2, full)
         torch.testing.assert_close(loss2, loss)
+
+
+def test_cpu_attention_under_bf16_autocast_runs_in_fp32():
+    """torch's CPU attention is ~3x slower in bf16 (its backward): under bf16 autocast model.attend
+    computes it in fp32 from the bf16 inputs, and its gradients flow back to them."""
+    from model import attend
+    q, k, v = (torch.randn(2, 4, 7, 8).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q, k, v, is_causal=True)
+    assert out.dtype == torch.float32
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert torch.allclose(out, want, atol=1e-6)
+    out.sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
+

@@ -9,7 +9,8 @@ import backbones
 import tiny_hf
 from collate import Collator
 from images import normalise, to_tensor
-from model import VLM, VLMConfig, positions_and_mask
+from layout import positions_and_mask
+from model import VLM, VLMConfig
 from tests.conftest import tiny_config
 
 COLOURS = [(200, 30, 30), (20, 180, 40), (30, 40, 210), (230, 230, 20), (120, 20, 160)]

@@ -261,7 +261,7 @@ def test_a_sliding_window_llm_keeps_its_window_in_the_stacked_cache(one_thread):
     left-padded prompt of a Mistral with a 4-token window equals its full forward without cache."""
     from transformers import MistralConfig, MistralForCausalLM
     from backbones import HFLanguageModel
-    from model import positions_and_mask
+    from layout import positions_and_mask
     torch.manual_seed(0)
     lm = HFLanguageModel(MistralForCausalLM(MistralConfig(
         vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
