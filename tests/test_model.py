@@ -187,4 +187,3 @@ def test_cpu_attention_under_bf16_autocast_runs_in_fp32():
     assert torch.allclose(out, want, atol=1e-6)
     out.sum().backward()
     assert q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
-
