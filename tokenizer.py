@@ -1,9 +1,11 @@
 """Byte-level BPE tokenizer and the one chat template used by training and generation.
 
 Any text encodes (bytes are the base alphabet), so Chinese, English and emoji prompts all work.
-CJK characters and full-width punctuation are split off one by one before BPE, so merges never
-glue two Chinese characters together: "红色的三角形" stays six tokens, which lets the model put
-a colour and a shape together that it never saw side by side.
+Merges never glue a CJK character (or full-width punctuation) to anything else: "红色的三角形"
+stays six tokens, which lets the model put a colour and a shape together that it never saw side
+by side. Training splits CJK characters off one by one; the trained tokenizer then splits text
+with GPT-2's pre-tokenizer alone (what llama.cpp's "gpt-2" pre-tokenizer does, so a GGUF export
+tokenizes exactly as we do) and keeps no merge that would join a CJK character to a neighbour.
 
 Template (one or more turns):
     <s><|user|>{<image> x N}{question}<|assistant|>{answer}</s><|user|>...
@@ -12,13 +14,16 @@ Loss is taken on the answer tokens and their </s> only.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 IMAGE, PAD, BOS, EOS, USER, ASSISTANT = "<image>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"
 SPECIALS = [IMAGE, PAD, BOS, EOS, USER, ASSISTANT]          # ids 0..5 in this order
-CJK = r"[\u2e80-\u2fff\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]"
+CJK_RANGES = ((0x2E80, 0x2FFF), (0x3000, 0x303F), (0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF),
+              (0xF900, 0xFAFF), (0xFF00, 0xFFEF))
+CJK = "[" + "".join(f"\\u{a:04x}-\\u{b:04x}" for a, b in CJK_RANGES) + "]"
 
 
 class Tokenizer:
@@ -44,7 +49,10 @@ class Tokenizer:
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                       show_progress=False)
         tok.train_from_iterator(texts, trainer)
-        return cls(tok)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        spec = json.loads(tok.to_str())
+        spec["model"]["merges"] = [m for m in spec["model"]["merges"] if not joins_cjk(*map(token_bytes, m))]
+        return cls(HFTokenizer.from_str(json.dumps(spec, ensure_ascii=False)))
 
     @classmethod
     def from_str(cls, s: str) -> "Tokenizer":
@@ -103,6 +111,45 @@ class Tokenizer:
             ids.append(self.assistant_id)
             labels.append(-100)
         return ids, labels
+
+
+def _gpt2_bytes() -> dict:
+    """GPT-2's byte -> printable character table, inverted: the characters BPE tokens are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    return {chr(c): b for c, b in zip([*printable, *range(256, 256 + len(rest))], [*printable, *rest])}
+
+
+_BYTE_OF = _gpt2_bytes()
+
+
+def token_bytes(token: str) -> bytes:
+    """A BPE token (written in GPT-2's byte characters) as the bytes it stands for."""
+    return bytes(_BYTE_OF[c] for c in token)
+
+
+def maybe_cjk(char: bytes) -> bool:
+    """Whether these bytes (one UTF-8 character, or the part of it a token holds) can be a CJK
+    character: the code points they may stand for overlap the CJK ranges."""
+    if 0x80 <= char[0] < 0xC0:                  # no lead byte here: it could be any character
+        return True
+    n = 1 if char[0] < 0x80 else 2 if char[0] < 0xE0 else 3 if char[0] < 0xF0 else 4
+    lo = hi = char[0] & (0xFF >> (n + 1)) if n > 1 else char[0]
+    for i in range(1, n):                       # continuation bytes the piece lacks: any value
+        c = char[i] & 0x3F if i < len(char) else None
+        lo, hi = lo << 6 | (c or 0), hi << 6 | (0x3F if c is None else c)
+    return any(a <= hi and lo <= b for a, b in CJK_RANGES)
+
+
+def joins_cjk(left: bytes, right: bytes) -> bool:
+    """Whether merging these two pieces joins a CJK character to a neighbour: the cut falls between
+    two characters and the one on either side is, or may be, CJK."""
+    if 0x80 <= right[0] < 0xC0:                 # the cut is inside one character
+        return False
+    start = max((i for i, b in enumerate(left) if not 0x80 <= b < 0xC0), default=0)
+    lead = right[0]
+    width = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    return maybe_cjk(left[start:]) or maybe_cjk(right[:width])
 
 
 def kept_length(ids, labels, image_id: int, max_len: int) -> int | None:

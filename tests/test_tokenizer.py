@@ -53,3 +53,16 @@ def test_text_before_image_encodes_like_image_first(tok):
     assert ids("描述这张图片\n<image>") == ids("<image>描述这张图片")
     assert ids("Describe <image> please") == ids("<image>Describe please")
     assert ids("左边<image>和右边<image>哪个有红色？", 2) == ids("<image><image>左边 和右边 哪个有红色？", 2)
+
+
+def test_splits_like_gpt2_and_no_merge_joins_a_cjk_character(tok):
+    """The trained tokenizer splits text with GPT-2's pre-tokenizer alone (llama.cpp's "gpt-2",
+    so a GGUF export tokenizes as we do); CJK characters stay whole and alone through the merges."""
+    import json
+    from tokenizer import joins_cjk, token_bytes
+    spec = json.loads(tok.to_str())
+    assert spec["pre_tokenizer"] == {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    assert not [m for m in spec["model"]["merges"] if joins_cjk(*map(token_bytes, m))]
+    assert [tok.tok.id_to_token(i) for i in tok.encode(" 红色")] == ["Ġ", "çº¢", "èī²"]
+    assert joins_cjk("红".encode(), "色".encode()) and joins_cjk(b" ", "红".encode()[:1])
+    assert not joins_cjk(b"a", b"b") and not joins_cjk("红".encode()[:1], "红".encode()[1:])
