@@ -250,6 +250,8 @@ def check_config(cfg: VLMConfig):
         value = getattr(cfg, key)
         if type(value) is not int or not lo <= value <= hi:
             raise ValueError(f"{key}={value!r} 超出合理范围（应为 {lo} 到 {hi} 的整数）")
+    if cfg.vit_layout not in ("siglip", "clip"):
+        raise ValueError(f"vit_layout={cfg.vit_layout!r} 不是 siglip 或 clip")
     for key in ("vit_mlp_ratio", "lm_rope_theta", "lm_norm_eps"):
         if type(getattr(cfg, key)) not in (int, float) or not 0 < getattr(cfg, key) < 1e12:
             raise ValueError(f"{key}={getattr(cfg, key)!r} 不是合理的正数")

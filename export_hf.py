@@ -3,9 +3,9 @@
     python export_hf.py --checkpoint checkpoints/vision_trained_model.pt --output exported/
 The folder then loads with LlavaForConditionalGeneration.from_pretrained(DIR) and
 AutoProcessor.from_pretrained(DIR). Each part gives its own transformers config and weights
-(llava_vision / llava_text): the built-in ViT as CLIPVisionModel and the built-in decoder as
-LlamaForCausalLM (model.py's layouts were chosen for this); Hugging Face towers (CLIP, SigLIP)
-and causal LMs as they are, with LoRA adapters merged first.
+(llava_vision / llava_text): the built-in ViT as SiglipVisionModel (CLIPVisionModel for models of
+the older "clip" layout) and the built-in decoder as LlamaForCausalLM (llava_layouts.py); Hugging
+Face towers (CLIP, SigLIP) and causal LMs as they are, with LoRA adapters merged first.
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def to_llava(model: VLM, tok):
     text_config, decoder_sd, head = lm.llava_text()
     hf_tok = tok.hf if lm.source is not None else builtin_tokenizer(tok)     # an HF LM brings its own
     config = LlavaConfig(vision_config=vision_config, text_config=text_config, image_token_index=cfg.image_token_id,
-                         image_seq_length=cfg.image_tokens, projector_hidden_act="gelu",
+                         image_seq_length=cfg.image_tokens,
+                         projector_hidden_act={"tanh": "gelu_pytorch_tanh", "none": "gelu"}[cfg.gelu],
                          vision_feature_select_strategy="default" if vision.has_cls else "full",
                          vision_feature_layer=vision.feature_layer, multimodal_projector_bias=True)
     llava = LlavaForConditionalGeneration(config).eval()

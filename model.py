@@ -1,13 +1,13 @@
 """A small vision-language model, readable top to bottom.
 
-image (B,3,H,W) -> VisionEncoder (CLIP-shaped ViT) -> patch features (B,N,Dv)
+image (B,3,H,W) -> VisionEncoder (SigLIP-shaped ViT) -> patch features (B,N,Dv)
                 -> Projector (Linear-GELU-Linear)  -> image embeddings (B,N,D)
 prompt ids with N `<image>` tokens -> token embeddings (B,T,D), image rows spliced in
                 -> LanguageModel (Llama-shaped decoder) -> next-token logits
 
-The layouts mirror transformers' CLIPVisionModel and LlamaForCausalLM (CLS token, pre-LN,
-rotate-half RoPE, SwiGLU) so a trained model can be exported to the LLaVA format. The model
-knows nothing about files, tokenizers or HTTP: it sees tensors only.
+The layouts mirror transformers' SiglipVisionModel and LlamaForCausalLM (pre-LN blocks,
+rotate-half RoPE, SwiGLU) so a trained model exports to the LLaVA format and to GGUF
+(llava_layouts.py). The model knows nothing about files, tokenizers or HTTP: it sees tensors only.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import llava_layouts
 from images import normalise
 from layout import Targets, image_positions, loss_targets, positions_and_mask
 
@@ -32,6 +33,10 @@ class VLMConfig:
     vit_mlp_ratio: float = 4.0
     vit_image_mean: tuple = (0.5, 0.5, 0.5)      # preprocessing, kept with the weights
     vit_image_std: tuple = (0.5, 0.5, 0.5)
+    # "siglip": patches only, tanh GELU (here and in the projector), as SigLIP and llama.cpp's LLaVA
+    # graph compute; "clip": a CLS token and a pre-LayerNorm first, exact GELU (models saved before
+    # the field existed; llama.cpp's graph misplaces a CLS token, so those don't export to GGUF)
+    vit_layout: str = "siglip"
     # projector (mp_*): Linear(vit_dim, lm_dim) -> GELU -> Linear(lm_dim, lm_dim)
     # language model (lm_*)
     lm_vocab_size: int = 1024
@@ -50,6 +55,11 @@ class VLMConfig:
     eos_token_id: int = 3
 
     @property
+    def gelu(self) -> str:
+        """The ViT's and the projector's GELU: F.gelu's approximate="tanh", or "none" (exact)."""
+        return "none" if self.vit_layout == "clip" else "tanh"
+
+    @property
     def image_tokens(self) -> int:
         """How many `<image>` tokens one image becomes (one per patch, CLS dropped)."""
         return (self.vit_image_size // self.vit_patch_size) ** 2
@@ -63,8 +73,11 @@ class VLMConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in {**LEGACY, **d}.items()}
         return cls(**d)
+
+
+LEGACY = {"vit_layout": "clip"}             # what a saved config without these fields was built as
 
 
 PRESETS = {
@@ -84,11 +97,11 @@ PRESETS = {
 # ----------------------------------------------------------------------------- vision
 
 class VisionBlock(nn.Module):
-    """Pre-LN transformer block, CLIP's layout (LayerNorm, biased q/k/v/out, GELU MLP)."""
+    """Pre-LN transformer block, CLIP's and SigLIP's layout (LayerNorm, biased q/k/v/out, GELU MLP)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, gelu: str):
         super().__init__()
-        self.heads = heads
+        self.heads, self.gelu = heads, gelu                  # gelu: "tanh" or "none" (exact)
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
@@ -101,70 +114,54 @@ class VisionBlock(nn.Module):
         q, k, v = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, D // self.heads).unbind(2)
         a = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         x = x + self.out(a.transpose(1, 2).reshape(B, N, D))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate=self.gelu))
 
 
 class VisionEncoder(nn.Module):
-    """ViT: conv patch embedding + CLS + learned positions -> pre-LN -> blocks.
-
-    Returns the last block's patch features with CLS dropped (LLaVA's "default" strategy)."""
+    """ViT: conv patch embedding + learned positions -> blocks; returns every patch's features from
+    the last block (LLaVA's "full" strategy). The "clip" layout (cfg.vit_layout) puts a CLS token in
+    front and a LayerNorm before the blocks, and drops the CLS at the end ("default" strategy)."""
     source = None               # built here: the weights live only in our checkpoint
-    has_cls, feature_layer = True, -1
+    feature_layer = -1
 
     def __init__(self, cfg: VLMConfig):
         super().__init__()
-        self.cfg, n = cfg, cfg.image_tokens
+        self.cfg, self.has_cls = cfg, cfg.vit_layout == "clip"
         self.patch_embed = nn.Conv2d(3, cfg.vit_dim, cfg.vit_patch_size, cfg.vit_patch_size, bias=False)
-        self.cls = nn.Parameter(torch.randn(cfg.vit_dim) * 0.02)
-        self.pos = nn.Parameter(torch.randn(n + 1, cfg.vit_dim) * 0.02)
-        self.pre_norm = nn.LayerNorm(cfg.vit_dim)
-        self.blocks = nn.ModuleList(VisionBlock(cfg.vit_dim, cfg.vit_heads, cfg.vit_mlp_ratio)
+        self.pos = nn.Parameter(torch.randn(cfg.image_tokens + self.has_cls, cfg.vit_dim) * 0.02)
+        if self.has_cls:
+            self.cls = nn.Parameter(torch.randn(cfg.vit_dim) * 0.02)
+            self.pre_norm = nn.LayerNorm(cfg.vit_dim)
+        self.blocks = nn.ModuleList(VisionBlock(cfg.vit_dim, cfg.vit_heads, cfg.vit_mlp_ratio, cfg.gelu)
                                     for _ in range(cfg.vit_layers))
 
     def forward(self, pixels):                               # pixels: (B, 3, H, W), normalised
         p = self.cfg.vit_patch_size                          # the patch conv as one matmul (faster in bf16)
         patches = pixels.unflatten(2, (-1, p)).unflatten(4, (-1, p)).permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)
         x = F.linear(patches, self.patch_embed.weight.flatten(1))          # (B, N, Dv)
-        x = torch.cat([self.cls.expand(x.shape[0], 1, -1).to(x.dtype), x], 1) + self.pos
-        x = self.pre_norm(x)
+        if self.has_cls:
+            x = self.pre_norm(torch.cat([self.cls.expand(x.shape[0], 1, -1).to(x.dtype), x], 1) + self.pos)
+        else:
+            x = x + self.pos
         for block in self.blocks:
             x = block(x)
-        return x[:, 1:]                                      # (B, N, Dv)
+        return x[:, int(self.has_cls):]                      # (B, N, Dv)
 
     def llava_vision(self) -> tuple[dict, dict]:
-        """(CLIPVisionConfig fields, these weights under CLIPVisionModel's names) for the LLaVA
-        export (export_hf.py): same layout, only the fused qkv is split into q/k/v."""
-        c, p = self.cfg, "vision_model."
-        config = dict(model_type="clip_vision_model", hidden_size=c.vit_dim, num_hidden_layers=c.vit_layers,
-                      intermediate_size=int(c.vit_dim * c.vit_mlp_ratio), num_attention_heads=c.vit_heads,
-                      image_size=c.vit_image_size, patch_size=c.vit_patch_size,
-                      hidden_act="gelu", layer_norm_eps=1e-5)         # exact GELU, nn.LayerNorm's eps
-        sd = {p + "embeddings.patch_embedding.weight": self.patch_embed.weight,
-              p + "embeddings.class_embedding": self.cls, p + "embeddings.position_embedding.weight": self.pos,
-              p + "pre_layrnorm.weight": self.pre_norm.weight, p + "pre_layrnorm.bias": self.pre_norm.bias,
-              # post_layernorm only feeds CLIP's pooled output, which LLaVA does not use
-              p + "post_layernorm.weight": torch.ones_like(self.pre_norm.weight),
-              p + "post_layernorm.bias": torch.zeros_like(self.pre_norm.bias)}
-        for i, b in enumerate(self.blocks):
-            layer = f"{p}encoder.layers.{i}."
-            for name, w, bias in zip(("q_proj", "k_proj", "v_proj"), b.qkv.weight.chunk(3), b.qkv.bias.chunk(3)):
-                sd[f"{layer}self_attn.{name}.weight"], sd[f"{layer}self_attn.{name}.bias"] = w, bias
-            for ours, theirs in (("out", "self_attn.out_proj"), ("norm1", "layer_norm1"), ("norm2", "layer_norm2"),
-                                 ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2")):
-                sd[f"{layer}{theirs}.weight"], sd[f"{layer}{theirs}.bias"] = getattr(b, ours).weight, getattr(b, ours).bias
-        return config, sd
+        return llava_layouts.vision(self)
 
 
 class Projector(nn.Module):
-    """LLaVA's mlp2x_gelu: vision width -> LLM width."""
+    """LLaVA's mlp2x_gelu: vision width -> LLM width. gelu: "tanh" or "none" (exact)."""
 
-    def __init__(self, vit_dim: int, lm_dim: int):
+    def __init__(self, vit_dim: int, lm_dim: int, gelu: str):
         super().__init__()
         self.fc1 = nn.Linear(vit_dim, lm_dim)
         self.fc2 = nn.Linear(lm_dim, lm_dim)
+        self.gelu = gelu
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.gelu))
 
 
 # ----------------------------------------------------------------------------- language
@@ -306,25 +303,7 @@ class LanguageModel(nn.Module):
         return KVCache((self.cfg.lm_layers, batch, self.cfg.lm_kv_heads, max_len, self.cfg.lm_dim // self.cfg.lm_heads))
 
     def llava_text(self) -> tuple[dict, dict, torch.Tensor]:
-        """(LlamaConfig fields, these weights under LlamaModel's names, lm_head weight) for the
-        LLaVA export (export_hf.py): same layout, only fused qkv and gate_up are split."""
-        c = self.cfg
-        hd = c.lm_dim // c.lm_heads
-        config = dict(model_type="llama", vocab_size=c.lm_vocab_size, hidden_size=c.lm_dim,
-                      intermediate_size=c.lm_hidden, num_hidden_layers=c.lm_layers, num_attention_heads=c.lm_heads,
-                      num_key_value_heads=c.lm_kv_heads, max_position_embeddings=c.lm_max_len,
-                      rms_norm_eps=c.lm_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": c.lm_rope_theta},
-                      tie_word_embeddings=True, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
-                      pad_token_id=c.pad_token_id)
-        sd = {"embed_tokens.weight": self.embed.weight, "norm.weight": self.norm.weight}
-        for i, b in enumerate(self.blocks):
-            q, k, v = b.qkv.weight.split([c.lm_heads * hd, c.lm_kv_heads * hd, c.lm_kv_heads * hd])
-            gate, up = b.gate_up.weight.chunk(2)
-            sd.update({f"layers.{i}.{name}.weight": w for name, w in (
-                ("self_attn.q_proj", q), ("self_attn.k_proj", k), ("self_attn.v_proj", v), ("self_attn.o_proj", b.o.weight),
-                ("mlp.gate_proj", gate), ("mlp.up_proj", up), ("mlp.down_proj", b.down.weight),
-                ("input_layernorm", b.attn_norm.weight), ("post_attention_layernorm", b.mlp_norm.weight))})
-        return config, sd, self.embed.weight
+        return llava_layouts.text(self)
 
 
 # ----------------------------------------------------------------------------- the VLM
@@ -343,7 +322,7 @@ class VLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision = vision if vision is not None else VisionEncoder(cfg)
-        self.projector = Projector(cfg.vit_dim, cfg.lm_dim)
+        self.projector = Projector(cfg.vit_dim, cfg.lm_dim, cfg.gelu)
         self.lm = lm if lm is not None else LanguageModel(cfg)
         for part, given in ((self.vision, vision), (self.projector, None), (self.lm, lm)):
             if given is None:

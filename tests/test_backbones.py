@@ -197,7 +197,7 @@ def test_parts_declare_what_they_have(hf, tok):
     ours = VLM(tiny_config(tok))
     clip_qwen, _ = backbones.build_vlm(hf["clip"], hf["qwen2"])
     siglip, _ = backbones.build_vlm(hf["siglip"], base=(ours, tok))
-    assert (ours.vision.has_cls, ours.vision.feature_layer, ours.vision.source) == (True, -1, None)
+    assert (ours.vision.has_cls, ours.vision.feature_layer, ours.vision.source) == (False, -1, None)
     assert (clip_qwen.vision.has_cls, clip_qwen.vision.feature_layer, clip_qwen.vision.source) == (True, -2, hf["clip"])
     assert not siglip.vision.has_cls and siglip.lm.source is None
     assert (ours.lm.max_len, ours.lm.source) == (ours.cfg.lm_max_len, None)

@@ -124,15 +124,16 @@ def test_clip_tower_with_our_language_model(tok, tmp_path):
     assert compare(model, t, llava.eval(), processor, text) < 1e-4
 
 
-@pytest.mark.parametrize("preset", ["micro", "tiny"])
-def test_builtin_presets_map_onto_clip_and_llama(preset, tok):
+@pytest.mark.parametrize("preset,layout", [("micro", "siglip"), ("micro", "clip"), ("tiny", "siglip")])
+def test_builtin_presets_map_onto_siglip_or_clip_and_llama(preset, layout, tok):
     from model import PRESETS, VLMConfig
     torch.manual_seed(0)
     cfg = VLMConfig(**{**PRESETS[preset], "lm_vocab_size": tok.vocab_size, "image_token_id": tok.image_id,
-                       "pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id})
+                       "pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+                       "vit_layout": layout})
     model = perturbed(VLM(cfg))
     llava, processor = export_hf.to_llava(model, tok)
-    assert type(llava.model.vision_tower).__name__.startswith("CLIPVision")
+    assert type(llava.model.vision_tower).__name__.startswith({"siglip": "SiglipVision", "clip": "CLIPVision"}[layout])
     text = processor.apply_chat_template([{"role": "user", "content": "<image>描述这张图片。"}], add_generation_prompt=True)
     # our patch embedding is one matmul, CLIP's a convolution: the tiny preset's 3x24x24-long fp32
     # sums are added in another order (2.3e-4 measured; greedy tokens equal, checked in compare)

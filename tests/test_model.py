@@ -5,7 +5,7 @@ from PIL import Image
 from collate import Collator
 from images import normalise
 from layout import positions_and_mask
-from model import VLMConfig, sample
+from model import VLM, VLMConfig, sample
 from conftest import tiny_config
 
 
@@ -187,3 +187,15 @@ def test_cpu_attention_under_bf16_autocast_runs_in_fp32():
     assert torch.allclose(out, want, atol=1e-6)
     out.sum().backward()
     assert q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
+
+
+def test_configs_saved_before_the_layout_field_build_the_clip_layout(tok):
+    """A checkpoint's config from before vit_layout existed still builds the model it was: CLS,
+    pre-LayerNorm, exact GELU; new configs build the SigLIP layout (no CLS, tanh GELU)."""
+    new = tiny_config(tok)
+    old = VLMConfig.from_dict({k: v for k, v in new.to_dict().items() if k != "vit_layout"})
+    assert (new.vit_layout, old.vit_layout) == ("siglip", "clip") and VLMConfig.from_dict(new.to_dict()) == new
+    for cfg, cls, gelu in ((new, False, "tanh"), (old, True, "none")):
+        m = VLM(cfg)
+        assert m.vision.has_cls == cls == hasattr(m.vision, "cls") and m.projector.gelu == m.vision.blocks[0].gelu == gelu
+        assert m.vision(torch.zeros(2, 3, cfg.vit_image_size, cfg.vit_image_size)).shape == (2, cfg.image_tokens, cfg.vit_dim)
