@@ -20,13 +20,21 @@ from model import VLM
 from tokenizer import ASSISTANT, BOS, EOS, IMAGE, PAD, USER, Tokenizer, with_content_lists
 
 # The built-in chat template (tokenizer.py) in Jinja, behind the prelude that turns content lists
-# ({"type": "image"} / {"type": "text"} parts) into <image> markers and text.
+# ({"type": "image"} / {"type": "text"} parts) into <image> markers and text. A user turn's images
+# go in front of its words (tokenizer.images_first). The image marker is <image>, or the one llama.cpp
+# puts where an image goes (llama-mtmd-cli: <__media__>, llama-server: <__media_RANDOM__>): the GGUF
+# export carries this same template. Only filters and methods llama.cpp's Jinja engine has are used.
 BUILTIN_TEMPLATE = with_content_lists(
-    "{{ bos_token }}{% for m in messages %}{% set text = m['content'] %}"
-    "{% set n = text.count('<image>') %}{% if m['role'] == 'user' and not text.startswith('<image>' * n) %}"
-    "{% set text = '<image>' * n + (text.split('<image>') | map('trim') | select | join(' ')) %}{% endif %}"
-    "{% if m['role'] == 'user' %}<|user|>{{ text }}{% else %}<|assistant|>{{ text }}{{ eos_token }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    "{{ bos_token }}{%- for m in messages -%}{%- set text = m['content'] -%}{%- if m['role'] == 'user' -%}"
+    "{%- set mk = '<image>' -%}{%- if '<__media__>' in text -%}{%- set mk = '<__media__>' -%}"
+    "{%- elif '<__media_' in text -%}{%- set mk = '<__media_' ~ text.split('<__media_')[1].split('__>')[0] ~ '__>' -%}"
+    "{%- endif -%}{%- set ps = text.split(mk) -%}{%- set ns = namespace(lead=true, words=[], marks='') -%}"
+    "{%- for p in ps -%}{%- if not loop.first -%}{%- set ns.marks = ns.marks ~ mk -%}{%- endif -%}"
+    "{%- if not loop.last and p != '' -%}{%- set ns.lead = false -%}{%- endif -%}"
+    "{%- if p.strip() -%}{%- set ns.words = ns.words + [p.strip()] -%}{%- endif -%}{%- endfor -%}"
+    "<|user|>{{ ns.marks }}{{ ps | last if ns.lead else ns.words | join(' ') }}"
+    "{%- elif m['role'] == 'assistant' -%}<|assistant|>{{ text }}{{ eos_token }}{%- endif -%}"   # no system turns
+    "{%- endfor -%}{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}")
 
 
 # ----------------------------------------------------------------------------- built-in tokenizer

@@ -154,6 +154,11 @@ def test_exported_template_puts_images_first_like_ours(tok):
         plain = content if isinstance(content, str) else "".join(p.get("text", "<image>") for p in content)
         ours, _ = tok.encode_chat([{"role": "user", "content": plain}], 1, n, add_generation_prompt=True)
         assert hf(text, add_special_tokens=False)["input_ids"] == ours, (content, text)
+        for marker in ("<__media__>", "<__media_x7Yz__>"):   # llama-mtmd-cli's and llama-server's image markers
+            theirs = hf.apply_chat_template([{"role": "system", "content": "不出现"},
+                                             {"role": "user", "content": plain.replace("<image>", marker)}],
+                                            tokenize=False, add_generation_prompt=True)
+            assert theirs.replace(marker, "<image>") == text, (marker, theirs)
 
 
 @pytest.mark.parametrize("kind", ["clip+llama-without-template", "siglip+qwen2"])
