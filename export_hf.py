@@ -94,12 +94,25 @@ def to_llava(model: VLM, tok):
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def build_parser():
-    p = ArgumentParser(description="把训练好的检查点导出为 transformers 的 LLaVA 格式"
-                                            "（LlavaForConditionalGeneration + AutoProcessor 可直接加载）。")
+def add_io_flags(p):
+    """--checkpoint and --output, as every export command has them."""
     p.add_argument("--checkpoint", default="checkpoints/vision_trained_model.pt",
                    help="要导出的检查点 (默认: checkpoints/vision_trained_model.pt)")
     p.add_argument("--output", required=True, help="输出文件夹（不存在会自动创建）")
+
+
+def output_folder(path: str) -> Path:
+    """The export's folder: new or empty, never one whose files an export would mix with."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"输出位置 {out} 已存在且不是空文件夹。请换一个 --output，或先删除它。")
+    return out
+
+
+def build_parser():
+    p = ArgumentParser(description="把训练好的检查点导出为 transformers 的 LLaVA 格式"
+                                            "（LlavaForConditionalGeneration + AutoProcessor 可直接加载）。")
+    add_io_flags(p)
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
                    help="保存权重的精度 (默认: fp32)；bf16 文件小一半，GPU 上用 vLLM/SGLang 部署时推荐")
     return p
@@ -108,9 +121,7 @@ def build_parser():
 @cli
 def main(argv=None):
     a = build_parser().parse_args(argv)
-    out = Path(a.output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"输出位置 {out} 已存在且不是空文件夹。请换一个 --output，或先删除它。")
+    out = output_folder(a.output)
     model, tok, _ = load_checkpoint(a.checkpoint)
     llava, processor = to_llava(model, tok)
     llava.to(DTYPES[a.dtype])
