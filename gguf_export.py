@@ -206,6 +206,8 @@ def quantize_q4_k_m(src: Path, dst: Path, threads: int = 0):
     except ImportError:
         raise UserError("q4_k_m 需要 llama.cpp 的量化器：pip install llama-cpp-python（见 requirements-dev.txt），"
                         f"或先导出 f16，再用 llama.cpp 的 llama-quantize model-f16.gguf {dst.name} Q4_K_M。") from None
+    from llama_cpp._logger import set_verbose
+    set_verbose(False)                                  # its per-tensor lines: errors only
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = Q4_K_M
     params.nthread = threads or os.cpu_count() or 1

@@ -146,3 +146,21 @@ def test_refuses_what_llama_cpp_cannot_compute_and_leaves_nothing_behind(tok, tm
     with pytest.raises(UserError, match="CLS"):
         gguf_export.mmproj(tmp_path / "x.gguf", clip, "f16")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_bench_compares_llama_cpp_with_ours_and_reports_speed_and_sizes(trained, capsys):
+    """bench/bench_gguf.py end to end, one short round (docs/deploy.md quotes its full run)."""
+    import json
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import bench_gguf
+    threads = torch.get_num_threads()
+    try:
+        bench_gguf.main(["--checkpoint", str(trained), "--scenes", "2", "--quants", "f16,q8_0", "--max-new-tokens", "12",
+                         "--json"])
+    finally:
+        torch.set_num_threads(threads)                   # the bench sets its --threads for the process
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["f16"]["token_match"] == 1.0 and 0 <= result["q8_0"]["token_match"] <= 1
+    assert result["ours"]["tokens_per_s"] > 0 and result["f16"]["tokens_per_s"] > 0
+    assert result["q8_0"]["files"]["model-q8_0.gguf"]["mib"] < result["f16"]["files"]["model-f16.gguf"]["mib"]
