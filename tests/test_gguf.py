@@ -116,10 +116,12 @@ def test_quantised_exports_load_and_answer(trained, f16, quant, capsys):
     assert len(set(tokens)) > 2
 
 
-def test_siglip_and_qwen2_backbones_export_and_answer_like_ours(tmp_path):
-    """Hugging Face parts: a SigLIP tower (its penultimate layer) and a Qwen2 LLM with its own
-    ChatML template and an end-of-turn token."""
-    model, tok = backbones.build_vlm(str(tiny_hf.save_siglip(tmp_path / "s")), str(tiny_hf.save_qwen2(tmp_path / "q")))
+@pytest.mark.parametrize("llm", ["qwen2", "llama"])
+def test_siglip_and_hf_llm_backbones_export_and_answer_like_ours(tmp_path, llm):
+    """Hugging Face parts: a SigLIP tower (its penultimate layer) and a Qwen2 LLM (ChatML template,
+    an end-of-turn token, tied head) or a Llama (its own template with a BOS, untied head)."""
+    save = {"qwen2": tiny_hf.save_qwen2, "llama": tiny_hf.save_llama}[llm]
+    model, tok = backbones.build_vlm(str(tiny_hf.save_siglip(tmp_path / "s")), str(save(tmp_path / "l")))
     perturbed(model)
     gguf_export.export(model, tok, tmp_path / "out", "f16")
     llama = LlamaCpp(tmp_path / "out" / "model-f16.gguf", tmp_path / "out" / "mmproj-f16.gguf")
