@@ -13,6 +13,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAM
 	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "安装依赖：第一次要从源码编译 llama.cpp（llama-cpp-python），2 核机器上要几十分钟，请耐心等待…"
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-$$(nproc)} \
 	  $(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	@rm -f $(VENV)/.installed-* && touch $@

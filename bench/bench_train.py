@@ -29,8 +29,7 @@ from model import VLM, VLMConfig  # noqa: E402
 # The sizes: 64 px / patch 8 / width 128 / 4 layers vision; width 256 / 4 layers / vocab 4096 LLM.
 BENCH_SIZES = dict(vit_image_size=64, vit_patch_size=8, vit_dim=128, vit_layers=4, vit_heads=4,
                    lm_vocab_size=4096, lm_dim=256, lm_layers=4, lm_heads=4, lm_kv_heads=4, lm_hidden=768,
-                   lm_max_len=512, image_token_id=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                   vit_layout="clip")      # the layout hf_llava's CLIP tower has (the figures since the start)
+                   lm_max_len=512, image_token_id=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 PROMPT, ANSWER = 8, 24          # text tokens before the image / supervised answer tokens per row
 
 
@@ -98,7 +97,7 @@ def copy_weights_to_hf(ours: VLM, hf):
 
 def build_pair(sizes: dict, seed: int = 0):
     torch.manual_seed(seed)
-    cfg = VLMConfig(**sizes)
+    cfg = VLMConfig(**sizes, vit_layout="clip")        # the layout hf_llava's CLIP tower has (the figures since the start)
     ours, hf = VLM(cfg), hf_llava(cfg)
     copy_weights_to_hf(ours, hf)
     return ours, hf
