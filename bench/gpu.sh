@@ -5,6 +5,7 @@
 #      直到显存不够：样本/s、MFU（规格峰值与实测峰值）、最大已分配 / 已保留显存
 #   2. 合成训练步：tiny、small 预设与 CLIP-B/16 + 0.5B Qwen2 尺寸，batch 4/8/16，本项目与 transformers（bench/bench_sizes.py）
 #   3. make bench 的两个对比基准在 GPU 上（bf16）
+#   4. 装了 vLLM 时：同一个导出（bf16）由 vLLM 和 serve.py 分别提供服务，同样的 32 路并发请求，比较 token/s（bench/bench_vllm.py）
 # 用法：
 #   bash bench/gpu.sh            # 在有 GPU 的机器上
 #   bash bench/gpu.sh --smoke    # 在 CPU 上冒烟：同样的代码路径、极小的形状，只验证脚本能跑通
@@ -24,11 +25,17 @@ start=$(date +%s)
     "$PY" bench/bench_sizes.py --smoke --out "$OUT/gpu_sizes.json"
     "$PY" bench/bench_train.py --batch 2 --steps 1 --rounds 1 --no-memory --json > "$OUT/gpu_train.json"
     "$PY" bench/bench_generate.py --batches 1 --new-tokens 4 --rounds 1 --no-memory --json > "$OUT/gpu_generate.json"
+    "$PY" bench/bench_vllm.py --ours-only --preset micro --requests 4 --clients 2 --max-tokens 4 --json "$OUT/gpu_vllm.json"
   else
     timeout 310 "$PY" bench/bench_real.py --budget 250 --out "$OUT" || echo "bench_real 超时或失败"
     timeout 90 "$PY" bench/bench_sizes.py --out "$OUT/gpu_sizes.json" || echo "bench_sizes 超时或失败"
     timeout 35 "$PY" bench/bench_train.py --device cuda --precision bf16 --steps 20 --json > "$OUT/gpu_train.json" || echo "bench_train 超时或失败"
     timeout 35 "$PY" bench/bench_generate.py --device cuda --precision bf16 --json > "$OUT/gpu_generate.json" || echo "bench_generate 超时或失败"
+    if "$PY" -c "import vllm" 2>/dev/null; then
+      timeout 240 "$PY" bench/bench_vllm.py --json "$OUT/gpu_vllm.json" || echo "bench_vllm 超时或失败"
+    else
+      echo "这台机器没有安装 vLLM，跳过 vLLM 与 serve.py 的对比（pip install vllm 后重跑）"
+    fi
   fi
   cat "$OUT/gpu_train.json" "$OUT/gpu_generate.json" 2>/dev/null || true
   echo "用时 $(( $(date +%s) - start )) 秒"

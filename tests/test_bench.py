@@ -35,9 +35,10 @@ def test_generation_bench_checks_identical_tokens_and_reports_its_floor():
 
 
 def test_gpu_check_script_runs_its_code_paths_on_the_cpu(tmp_path):
-    """bench/gpu.sh --smoke: the GPU check's four steps at tiny shapes on this CPU, so the script
+    """bench/gpu.sh --smoke: the GPU check's steps at tiny shapes on this CPU, so the script
     that waits for a lent GPU is known to run end to end; the real path (train_vision_real.py on a
-    generated folder) sweeps two batches for each --train way."""
+    generated folder) sweeps two batches for each --train way; the vLLM comparison runs its
+    serve.py half (vLLM itself needs a GPU) on the bf16 export it gives vLLM."""
     import os
     env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable}
     out = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--smoke"], capture_output=True, text=True,
@@ -53,6 +54,8 @@ def test_gpu_check_script_runs_its_code_paths_on_the_cpu(tmp_path):
     assert all(r[m]["samples_per_s"] > 0 for r in sizes["rows"] for m in ("ours", "transformers"))
     assert json.loads((tmp_path / "gpu_train.json").read_text())["speedup"]["ours"] > 0
     assert json.loads((tmp_path / "gpu_generate.json").read_text())["results"][0]["same_tokens"] is True
+    served = json.loads((tmp_path / "gpu_vllm.json").read_text())["serve.py"]
+    assert 0 < served["tokens"] <= 4 * 4 and served["tokens_per_s"] > 0    # 4 requests, max_tokens 4
     assert "用时" in (tmp_path / "gpu.log").read_text()
 
 
