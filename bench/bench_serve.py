@@ -96,8 +96,9 @@ async def ask(client: httpx.AsyncClient, base: str, req, max_new_tokens: int) ->
     return time.perf_counter() - t, body["usage"]["completion_tokens"], body["text"]
 
 
-def run_phase(base: str, reqs, clients: int, max_new_tokens: int) -> dict:
-    """Every request once, by `clients` clients that each send the next request when free."""
+def run_phase(base: str, reqs, clients: int, max_new_tokens: int, ask=ask) -> dict:
+    """Every request once, by `clients` clients that each send the next request when free;
+    ask(client, base, request, max_new_tokens) -> (seconds, completion tokens, text)."""
     results = [None] * len(reqs)
     todo = iter(range(len(reqs)))
 
@@ -113,6 +114,20 @@ def run_phase(base: str, reqs, clients: int, max_new_tokens: int) -> dict:
     wall = time.perf_counter() - t
     return {"clients": clients, "requests": len(reqs), "wall_s": wall, "tokens": sum(r[1] for r in results),
             "lat": [r[0] for r in results], "texts": [r[2] for r in results]}
+
+
+def wait_until_healthy(server: subprocess.Popen, base: str, log: Path, timeout: float):
+    """Until GET /health answers 200; exits with the server's log when it dies or takes too long."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.poll() is not None or time.monotonic() > deadline:
+            sys.exit("服务没有启动：\n" + log.read_text(errors="replace")[-3000:])
+        try:
+            if httpx.get(base + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
 
 
 def merge(runs: list[dict]) -> dict:
@@ -152,16 +167,7 @@ def main(argv=None):
                                    "--port", str(port), "--max-batch", str(a.clients), "--log-level", "warning"],
                                   stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    sys.exit("服务没有启动：\n" + (Path(tmp) / "server.log").read_text(errors="replace"))
-                try:
-                    if httpx.get(base + "/health", timeout=5).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
+            wait_until_healthy(server, base, Path(tmp) / "server.log", 120)
             reqs = requests_for(a.requests, cfg_size)
             run_phase(base, reqs[:a.clients], a.clients, a.max_new_tokens)          # warm-up, not counted
             ones, manys, rows, steps = [], [], 0, 0

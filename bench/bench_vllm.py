@@ -13,7 +13,6 @@ when there is one (--device auto); vLLM needs a GPU and is not installed on the 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import json
 import subprocess
@@ -27,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from bench.bench_serve import fresh_checkpoint, free_port, requests_for  # noqa: E402
+from bench.bench_serve import fresh_checkpoint, free_port, merge, requests_for, run_phase, wait_until_healthy  # noqa: E402
 
 
 def chat_body(model: str, req, max_tokens: int) -> dict:
@@ -38,25 +37,12 @@ def chat_body(model: str, req, max_tokens: int) -> dict:
                                                       {"type": "text", "text": prompt}]}]}
 
 
-def measure(base: str, model: str, reqs, clients: int, max_tokens: int) -> dict:
-    """Every request once from `clients` concurrent clients: wall time, completion tokens, the texts."""
-    texts, tokens, todo = [None] * len(reqs), [0] * len(reqs), iter(range(len(reqs)))
-
-    async def client(c):
-        for i in todo:                          # shared iterator: each index is taken once
-            r = await c.post(base + "/v1/chat/completions", json=chat_body(model, reqs[i], max_tokens))
-            r.raise_for_status()
-            body = r.json()
-            texts[i], tokens[i] = body["choices"][0]["message"]["content"], body["usage"]["completion_tokens"]
-
-    async def run():
-        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients)) as c:
-            await asyncio.gather(*(client(c) for _ in range(clients)))
+async def ask_chat(client: httpx.AsyncClient, base: str, req, max_tokens: int) -> tuple[float, int, str]:
     t = time.perf_counter()
-    asyncio.run(run())
-    wall = time.perf_counter() - t
-    return {"wall_s": wall, "tokens": sum(tokens), "tokens_per_s": sum(tokens) / wall,
-            "req_per_s": len(reqs) / wall, "texts": texts}
+    r = await client.post(base + "/v1/chat/completions", json=chat_body("m", req, max_tokens))
+    r.raise_for_status()
+    body = r.json()
+    return time.perf_counter() - t, body["usage"]["completion_tokens"], body["choices"][0]["message"]["content"]
 
 
 def serve(cmd: list[str], port: int, log: Path, a, reqs) -> dict:
@@ -64,18 +50,9 @@ def serve(cmd: list[str], port: int, log: Path, a, reqs) -> dict:
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + a.start_timeout
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"服务没有启动（{' '.join(cmd[:3])} …）：\n" + log.read_text(errors="replace")[-3000:])
-            try:
-                if httpx.get(base + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        measure(base, "m", reqs[:a.clients], a.clients, a.max_tokens)          # warm-up, not counted
-        return measure(base, "m", reqs, a.clients, a.max_tokens)
+        wait_until_healthy(proc, base, log, a.start_timeout)
+        run_phase(base, reqs[:a.clients], a.clients, a.max_tokens, ask_chat)          # warm-up, not counted
+        return merge([run_phase(base, reqs, a.clients, a.max_tokens, ask_chat)])
     finally:
         proc.terminate()
         proc.wait(60)
@@ -123,7 +100,7 @@ def main(argv=None):
     for name, r in runs.items():
         print(f"{name:<10} 用时 {r['wall_s']:7.2f} s  {r['req_per_s']:7.2f} 请求/s  {r['tokens_per_s']:9.1f} token/s  "
               f"生成 {r['tokens']} 个 token")
-    result = {k: {m: v for m, v in r.items() if m != "texts"} for k, r in runs.items()}
+    result = {k: {m: v for m, v in r.items() if m not in ("texts", "lat")} for k, r in runs.items()}
     if "vLLM" in runs:
         same = sum(x == y for x, y in zip(runs["vLLM"]["texts"], runs["serve.py"]["texts"]))
         result["ratio"] = runs["vLLM"]["tokens_per_s"] / runs["serve.py"]["tokens_per_s"]
