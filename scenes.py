@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from errors import ArgumentParser, UserError, cli
+from images import normalise
 
 SHAPES = ["circle", "square", "triangle", "diamond", "cross"]
 SHAPES_ZH = {"circle": "圆形", "square": "正方形", "triangle": "三角形", "diamond": "菱形", "cross": "十字形"}
@@ -193,7 +194,8 @@ class SceneDataset(torch.utils.data.Dataset):
         messages = []
         for q, a in chosen:
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        return {"image": image, "messages": messages, "cells": cell_labels(objs)}
+        recolour = torch.tensor(task.randrange(len(PERMS)))        # CellProbe's channel order for this item
+        return {"image": image, "messages": messages, "cells": cell_labels(objs), "recolour": recolour}
 
 
 # "What colour is the X?" is the one question that needs a search by content (find the X
@@ -239,12 +241,13 @@ class CellProbe(torch.nn.Module):
     every patch keeps a readable "where am I" code, which the position words of a caption need.
     It reads the features through a forward hook, so the model's code stays untouched."""
 
-    def __init__(self, vision: torch.nn.Module, vit_dim: int):
+    def __init__(self, vision: torch.nn.Module, vit_dim: int, recolour: bool = True):
         super().__init__()
         self.shape = torch.nn.Linear(vit_dim, len(SHAPES) + 1)
         self.colour = torch.nn.Linear(vit_dim, len(COLOURS) + 1)
         self.where = torch.nn.Linear(vit_dim, 9)
         self.feats = None
+        self.vision = [vision] if recolour else None      # a list: the model owns the encoder, not the probe
         vision.register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output):
@@ -252,6 +255,18 @@ class CellProbe(torch.nn.Module):
 
     def forward(self, batch):                                  # feats (B, N, Dv), cells (B, 2, 9)
         feats, cells, self.feats = self.feats.float(), batch["cells"], None    # held no longer than the step
+        loss = self._cells(feats, cells, colour=True)
+        vision = self.vision and self.vision[0]
+        if vision and next(vision.parameters()).requires_grad:   # an encoder that learns sees the scenes again
+            px = batch["pixels"]                 # with colour channels swapped (the order is the data's, so a
+            perm = torch.tensor(PERMS, device=px.device)[batch["recolour"]]     # resumed run replays it):
+            px = px.gather(1, perm[:, :, None, None].expand_as(px))            # its shapes in new colours
+            vision(normalise(px, vision.cfg))
+            loss = loss + self._cells(self.feats.float(), cells, colour=False)
+            self.feats = None
+        return loss
+
+    def _cells(self, feats, cells, colour: bool):
         B, N, D = feats.shape
         g = math.isqrt(N)
         grid = feats.transpose(1, 2).reshape(B, D, g, g)
@@ -259,9 +274,12 @@ class CellProbe(torch.nn.Module):
         rows = (torch.arange(g, device=feats.device) * 3 // g)                 # patch row -> cell row
         cell_of_patch = (rows[:, None] * 3 + rows[None, :]).flatten().expand(B, N)
         ce = torch.nn.functional.cross_entropy
-        return (ce(self.shape(pooled).flatten(0, 1), cells[:, 0].flatten())
-                + ce(self.colour(pooled).flatten(0, 1), cells[:, 1].flatten())
+        loss = (ce(self.shape(pooled).flatten(0, 1), cells[:, 0].flatten())
                 + ce(self.where(feats).flatten(0, 1), cell_of_patch.flatten()))
+        return loss + ce(self.colour(pooled).flatten(0, 1), cells[:, 1].flatten()) if colour else loss
+
+
+PERMS = [(1, 0, 2), (2, 1, 0), (0, 2, 1), (1, 2, 0), (2, 0, 1)]     # every order of R, G, B but the identity
 
 
 def all_texts(lang: str = "zh"):

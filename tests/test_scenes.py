@@ -111,3 +111,36 @@ def test_english_uses_an_before_vowels():
     answers = {q: a for _, q, a, _ in scenes.questions(objs, "en")}
     assert answers["What is at the center?"] == "An orange circle."
     assert "a orange" not in " ".join(scenes.all_texts("en")).lower()
+
+
+def test_cell_probe_also_reads_the_scenes_recoloured_for_shape_and_place_only(tok):
+    """The probe runs the encoder a second time on the batch with its colour channels swapped (the
+    order each item names, never the identity) and asks that pass for shapes and cells only:
+    the colour head's gradient is the same as without the second pass, the shape head's is not."""
+    import torch
+    from collate import Collator
+    from conftest import tiny_config
+    from images import normalise
+    from model import VLM
+    torch.manual_seed(0)
+    model = VLM(tiny_config(tok)).train()
+    data = scenes.SceneDataset(6, "train", 0, "zh", model.cfg.vit_image_size)
+    batch = Collator(tok, model.cfg)([data[i] for i in range(6)])
+    seen = []
+    model.vision.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    grads = {}
+    for recolour in (False, True):
+        torch.manual_seed(1)
+        probe = scenes.CellProbe(model.vision, model.cfg.vit_dim, recolour=recolour)
+        model.vision(normalise(batch["pixels"], model.cfg))          # the model's own pass, as in a step
+        probe(batch).backward()
+        grads[recolour] = {n: p.grad.clone() for n, p in probe.named_parameters()}
+    plain, swapped = seen[-2], seen[-1]
+    assert len(seen) == 3 and torch.equal(seen[0], plain)            # without recolouring: one pass only
+    used = []
+    for img, out in zip(plain, swapped):
+        used += [perm for perm in scenes.PERMS if torch.equal(out, img[list(perm)])][:1]
+        assert not torch.equal(out, img)
+    assert used == [scenes.PERMS[i] for i in batch["recolour"]] and len(set(used)) > 1
+    torch.testing.assert_close(grads[True]["colour.weight"], grads[False]["colour.weight"])
+    assert not torch.allclose(grads[True]["shape.weight"], grads[False]["shape.weight"])
