@@ -3,28 +3,35 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
+RUN_STAMP := $(VENV)/.installed-run-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-dev-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
 .PHONY: venv demo eval test bench serve-dev clean system-deps bench-serve
 
-# llama-cpp-python (requirements-dev.txt) compiles llama.cpp: CPU only, portable (x86-64 with AVX2, not
-# -march=native), no tests/tools/examples/server, one compile job per core (timed in docs/deploy.md).
+# demo, eval and serve-dev need requirements.txt alone: a first `make demo` compiles nothing.
+$(RUN_STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	@rm -f $(VENV)/.installed-run-* && touch $@
+
+# Tests and benchmarks add requirements-dev.txt. Its llama-cpp-python compiles llama.cpp: CPU only,
+# portable (x86-64 with AVX2, not -march=native), no tests/tools/examples/server, one compile job per
+# core (about 8 minutes on an idle 2-core machine, docs/deploy.md).
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
 	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF
-$(STAMP): requirements.txt requirements-dev.txt
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "安装依赖：第一次要从源码编译 llama.cpp（llama-cpp-python），2 核机器上要几十分钟，请耐心等待…"
+$(STAMP): $(RUN_STAMP) requirements-dev.txt
+	@echo "安装测试依赖：第一次要从源码编译 llama.cpp（llama-cpp-python），2 核机器上约 10 分钟，请耐心等待…"
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-$$(nproc)} \
 	  $(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
-	@rm -f $(VENV)/.installed-* && touch $@
+	@rm -f $(VENV)/.installed-dev-* && touch $@
 
 venv: $(STAMP)
 
 # Train the synthetic demo on this machine (CPU is fine), then score it on unseen test scenes.
-demo: $(STAMP)
+demo: $(RUN_STAMP)
 	$(PY) train_vision.py
 
-eval: $(STAMP)
+eval: $(RUN_STAMP)
 	$(PY) evaluate.py
 
 # The browser test (tests/test_web.py) drives Debian's Chromium; a CJK font keeps its screenshots readable.
@@ -39,7 +46,7 @@ test: $(STAMP) system-deps
 # API on :8000 (restarts when a .py file changes) and the web page on :3000; Ctrl-C stops both.
 # The model comes from LLM_CHECKPOINT (default checkpoints/vision_trained_model.pt).
 WEB_PORT ?= 3000
-serve-dev: $(STAMP)
+serve-dev: $(RUN_STAMP)
 	@$(PY) -m http.server $(WEB_PORT) --bind 127.0.0.1 --directory web >/dev/null 2>&1 & web=$$!; \
 	trap 'kill $$web 2>/dev/null' EXIT; sleep 0.5; \
 	kill -0 $$web 2>/dev/null || { echo "错误：网页端口 $(WEB_PORT) 已被占用，可用 make serve-dev WEB_PORT=3001 换一个。"; exit 1; }; \
