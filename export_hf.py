@@ -17,22 +17,25 @@ import torch
 from checkpoint import load_checkpoint
 from errors import ArgumentParser, UserError, cli
 from model import VLM
-from tokenizer import ASSISTANT, BOS, EOS, IMAGE, PAD, USER, Tokenizer, with_content_lists
+from tokenizer import ASSISTANT, BOS, EOS, IMAGE, PAD, PICTURE, USER, Tokenizer, with_content_lists
 
 # The built-in chat template (tokenizer.py) in Jinja, behind the prelude that turns content lists
 # ({"type": "image"} / {"type": "text"} parts) into <image> markers and text. A user turn's images
-# go in front of its words (tokenizer.images_first). The image marker is <image>, or the one llama.cpp
+# go in front of its words, several of them each named 图1：, 图2：…, unless words stand between two of
+# them (tokenizer.images_first). The image marker is <image>, or the one llama.cpp
 # puts where an image goes (llama-mtmd-cli: <__media__>, llama-server: <__media_RANDOM__>): the GGUF
 # export carries this same template. Only filters and methods llama.cpp's Jinja engine has are used.
 BUILTIN_TEMPLATE = with_content_lists(
     "{{ bos_token }}{%- for m in messages -%}{%- set text = m['content'] -%}{%- if m['role'] == 'user' -%}"
     "{%- set mk = '<image>' -%}{%- if '<__media__>' in text -%}{%- set mk = '<__media__>' -%}"
     "{%- elif '<__media_' in text -%}{%- set mk = '<__media_' ~ text.split('<__media_')[1].split('__>')[0] ~ '__>' -%}"
-    "{%- endif -%}{%- set ps = text.split(mk) -%}{%- set ns = namespace(lead=true, words=[], marks='') -%}"
-    "{%- for p in ps -%}{%- if not loop.first -%}{%- set ns.marks = ns.marks ~ mk -%}{%- endif -%}"
+    "{%- endif -%}{%- set ps = text.split(mk) -%}{%- set ns = namespace(lead=true, between=false, words=[], marks='') -%}"
+    "{%- for p in ps -%}{%- if not loop.first -%}{%- set ns.marks = ns.marks ~ (('" + PICTURE.replace("{}", "' ~ loop.index0 ~ '")
+    + "') if ps | length > 2 else '') ~ mk -%}{%- endif -%}"
     "{%- if not loop.last and p != '' -%}{%- set ns.lead = false -%}{%- endif -%}"
+    "{%- if not loop.first and not loop.last and p.strip() -%}{%- set ns.between = true -%}{%- endif -%}"
     "{%- if p.strip() -%}{%- set ns.words = ns.words + [p.strip()] -%}{%- endif -%}{%- endfor -%}"
-    "<|user|>{{ ns.marks }}{{ ps | last if ns.lead else ns.words | join(' ') }}"
+    "<|user|>{%- if ns.between -%}{{ text }}{%- else -%}{{ ns.marks }}{{ ps | last if ns.lead else ns.words | join(' ') }}{%- endif -%}"
     "{%- elif m['role'] == 'assistant' -%}<|assistant|>{{ text }}{{ eos_token }}{%- endif -%}"   # no system turns
     "{%- endfor -%}{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}")
 

@@ -1,11 +1,12 @@
 """The synthetic scenes as LLaVA conversation data, and two-image questions to score a checkpoint on.
 
-    python scenes.py --format llava --out data/scene_chats --count 6000
+    python scenes.py --format llava --out data/scene_chats --count 4210
 writes images/ and conversations.json (docs/datasets.md, LLaVA JSON):
   - one sample per scene: the caption question and QUESTIONS questions about it, in random order;
-  - every PAIR_EVERY-th scene also starts a two-image sample with the next scene: "哪张图里有红色的
-    圆形？" answered "第一张。" or "第二张。" (the shape is in exactly one of them), then how many
-    shapes one of the two has ("Which picture has the red circle?" / "The first one." for en).
+  - every PAIR_EVERY-th scene also starts a two-image sample with the next scene (the template names
+    the pictures 图1：, 图2： in front of them, tokenizer.images_first): "哪张图里有红色的圆形？"
+    answered "第一张。" or "第二张。" (the shape is in exactly one of them), then how many shapes
+    each of the two has ("Which picture has the red circle?" / "The first one." for en).
 A checkpoint trained on it by train_vision_real.py is scored by evaluate.py: the usual QA on
 unseen scenes, and with --pairs the two-image question on fresh scene pairs (chance: 50%).
 """
@@ -20,7 +21,7 @@ from errors import UserError
 from tokenizer import IMAGE
 
 QUESTIONS = 4                  # questions per scene besides the caption
-PAIR_EVERY = 4                 # a two-image sample for every 4th scene
+PAIR_EVERY = 2                 # a two-image sample for every 2nd scene
 CHANCE = 0.5                   # two pictures: guessing is right half the time
 ORDINAL = {"zh": ("第一张", "第二张"), "en": ("first", "second")}
 
@@ -67,8 +68,9 @@ def pair_sample(i: int, first, second, files, rng: random.Random, lang: str) -> 
     if asked is None:
         return None
     q, a, _ = asked
-    k = rng.randrange(2)
-    qa = [("<image>\n<image>\n" + q, a), count_turn((first, second)[k], k, lang)]
+    counts = [count_turn(objs, k, lang) for k, objs in enumerate((first, second))]
+    rng.shuffle(counts)
+    qa = [("<image>\n<image>\n" + q, a), *counts]
     return {"id": f"pair_{i:06d}", "image": [f"images/{f}" for f in files], "conversations": turns(qa)}
 
 

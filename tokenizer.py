@@ -168,13 +168,21 @@ def kept_length(ids, labels, image_id: int, max_len: int) -> int | None:
 
 
 def images_first(text: str) -> str:
-    """A user turn's images always come before its words in the built-in template, as in every
-    training prompt: "描述这张图片<image>" (how most OpenAI clients order parts) encodes exactly
-    like "<image>描述这张图片", so the answer cannot depend on where the client put the image."""
+    """Where a user turn's images go in the built-in template. Images come before the turn's words,
+    as in every training prompt: "描述这张图片<image>" (how most OpenAI clients order parts) encodes
+    exactly like "<image>描述这张图片", so the answer cannot depend on where the client put the image.
+    Several images are each named in front ("图1：<image>图2：<image>哪张…", as multi-image models
+    are prompted): a small language model cannot tell which of two runs of image tokens came first,
+    but it can read a name. Words between two images already name them: such a turn keeps its order."""
     k = text.count(IMAGE)
-    if text.startswith(IMAGE * k):                       # already image-first (or no image): unchanged
+    parts = [p.strip() for p in text.split(IMAGE)]
+    if any(parts[1:-1]):
         return text
-    return IMAGE * k + " ".join(p.strip() for p in text.split(IMAGE) if p.strip())
+    words = text[len(IMAGE * k):] if text.startswith(IMAGE * k) else " ".join(p for p in parts if p)
+    return (IMAGE if k == 1 else "".join(f"{PICTURE.format(i + 1)}{IMAGE}" for i in range(k))) + words
+
+
+PICTURE = "图{}："            # the name in front of each of several images in a turn
 
 
 class ChatTemplateTokenizer:

@@ -114,8 +114,9 @@ def builtin_expected(tok, sample_id: str):
         parts = [([tok.bos_id, user] + [img] * T + tok.encode("图里有什么？") + [asst], False),
                  (tok.encode("红色的圆形。") + [eos], True), ([user] + tok.encode("几个？") + [asst], False),
                  (tok.encode("一个。") + [eos], True)]
-    elif sample_id == "two-images":                                  # no place for the system turn
-        parts = [([tok.bos_id, user] + [img] * 2 * T + tok.encode("哪张？") + [asst], False),
+    elif sample_id == "two-images":                 # no place for the system turn; each picture named
+        parts = [([tok.bos_id, user] + tok.encode("图1：") + [img] * T + tok.encode("图2：") + [img] * T +
+                  tok.encode("哪张？") + [asst], False),
                  (tok.encode("第一张。") + [eos], True)]
     else:
         parts = [([tok.bos_id, user] + tok.encode("几个？") + [asst], False), (tok.encode("一个。") + [eos], True)]
@@ -261,7 +262,7 @@ def test_check_data_on_good_data_exits_0_and_shows_the_learnt_spans(tmp_path, ca
                          "--output", str(tmp_path / "m.pt")], capsys)
     assert code == 0, out
     assert "【红色的圆形。</s>】<|user|>几个？<|assistant|>【一个。</s>】" in out
-    assert "<s><|user|><image>×32" in out                             # micro: 16 tokens per image, two images
+    assert "<s><|user|>图1：<image>×16图2：<image>×16哪张？" in out      # micro: 16 tokens per image, two named
     assert "样本 3 条，图片 3 张（不同的 2 张），回答 4 轮，纯文字样本 1 条，带 system 轮的 1 条（内置模板没有 system 位置" in out
     assert "没有发现问题" in out and not (tmp_path / "m.pt").exists()
 
@@ -281,13 +282,16 @@ def test_scene_export_reads_back_with_true_two_image_answers(tmp_path):
     chats = conversations.load_files(str(tmp_path / "s"))
     assert not chats.problems and len(chats.ids) == len(samples) and chats.total == len(samples)
     pairs = [(i, m) for i, m in zip(chats.ids, chats.messages) if i.startswith("pair_")]
-    assert pairs and all(len(m) == 4 for _, m in pairs)
+    assert pairs and all(len(m) == 6 for _, m in pairs)           # which picture, then each one's count
     for sid, messages in pairs:
         k = int(sid.split("_")[1])
         first, second = scenes.make_scene(0, "train", k)[0], scenes.make_scene(0, "train", k + 1)[0]
         thing = messages[0]["content"].split("哪张图里有")[1].rstrip("？")
         has = [any(scenes.name(o, "zh") == thing for o in objs) for objs in (first, second)]
         assert has == ([True, False] if messages[1]["content"] == "第一张。" else [False, True])
+        counts = {messages[j]["content"]: messages[j + 1]["content"] for j in (2, 4)}
+        assert counts == {"第一张图里有几个形状？": f"{scenes.COUNT_ZH[len(first)]}个。",
+                          "第二张图里有几个形状？": f"{scenes.COUNT_ZH[len(second)]}个。"}
     singles = [m for i, m in zip(chats.ids, chats.messages) if i.startswith("scene_")]
     assert len(singles) == 9 and all(len(m) == 2 * (1 + scene_chats.QUESTIONS) for m in singles)
 
@@ -309,7 +313,7 @@ def test_scene_chats_train_and_score_end_to_end(tmp_path, capsys):
     code, text, err = main(["--data-path", str(tmp_path / "s"), "--preset", "micro", "--epochs", "1", "--batch-size", "8",
                             "--workers", "0", "--val-ratio", "0", "--output", str(out)], capsys)
     assert code == 0, err[-2000:]
-    assert "训练样本 15 条/轮" in text and out.exists()
+    assert "训练样本 18 条/轮" in text and out.exists()            # 12 scenes, 6 pairs
     evaluate.main(["--checkpoint", str(out), "--scenes", "2", "--pairs", "4", "--device", "cpu",
                    "--json", str(tmp_path / "r.json")])
     result = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))

@@ -142,12 +142,14 @@ def test_builtin_presets_map_onto_siglip_or_clip_and_llama(preset, layout, tok):
 
 def test_exported_template_puts_images_first_like_ours(tok):
     """The exported chat template renders any order of text and image parts exactly as our
-    tokenizer encodes it (images in front of a turn's words)."""
+    tokenizer encodes it (images in front of a turn's words, unless words stand between two images)."""
     from export_hf import builtin_tokenizer
     hf = builtin_tokenizer(tok)
     cases = [([{"type": "text", "text": "描述这张图片。"}, {"type": "image"}], 1),
              ([{"type": "image"}, {"type": "text", "text": "描述这张图片。"}], 1),
              ([{"type": "text", "text": "左边 "}, {"type": "image"}, {"type": "text", "text": " 和右边"}, {"type": "image"}], 2),
+             ([{"type": "text", "text": "看 "}, {"type": "image"}, {"type": "image"}, {"type": "text", "text": "哪张？"}], 2),
+             ("图1：<image>图2：<image>哪张图里有红色的圆形？", 2),
              ("描述这张图片<image>", 1)]
     for content, n in cases:
         text = hf.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)

@@ -156,7 +156,13 @@ def test_chat_with_system_text_and_two_images(servers):
     assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "too_many_images"
 
 
-def test_multipart_with_repeated_image_fields(servers):
+def names(tok, k: int) -> int:
+    """Prompt tokens of the names 图1：… the template puts in front of k images in one turn."""
+    from tokenizer import PICTURE
+    return sum(len(tok.encode(PICTURE.format(i + 1))) for i in range(k))
+
+
+def test_multipart_with_repeated_image_fields(servers, tok):
     """`image` sent several times: every image's tokens in the prompt, the same prompt as a chat
     message with those parts; past the server's limit (tight: --max-images 2) a 400 that says so.
     (This random test model's answers do not depend on the images; test_multi_image.py and
@@ -167,8 +173,9 @@ def test_multipart_with_repeated_image_fields(servers):
     ask = lambda base, *imgs: httpx.post(base + "/v1/generate-multipart", files=files(*imgs), data=fields, timeout=30)
     one, two, three = ask(servers.base, a), ask(servers.base, a, b), ask(servers.base, a, b, c)
     assert [r.status_code for r in (one, two, three)] == [200] * 3, three.text
-    assert two.json()["usage"]["prompt_tokens"] == one.json()["usage"]["prompt_tokens"] + 16
-    assert three.json()["usage"]["prompt_tokens"] == one.json()["usage"]["prompt_tokens"] + 32
+    n = one.json()["usage"]["prompt_tokens"]                  # several images: each named 图1：… in front
+    assert two.json()["usage"]["prompt_tokens"] == n + 16 + names(tok, 2)
+    assert three.json()["usage"]["prompt_tokens"] == n + 32 + names(tok, 3)
     parts = [{"type": "text", "text": fields["prompt"]}] + [{"type": "image_url", "image_url": {"url": data_url(x, "image/png")}}
                                                             for x in (a, b)]
     chat = httpx.post(servers.base + "/v1/chat/completions", timeout=30,
@@ -184,7 +191,7 @@ def test_multipart_with_repeated_image_fields(servers):
     assert dup.status_code == 400 and dup.json()["error"]["code"] == "duplicate_field"   # text fields: still once
 
 
-def test_chat_history_with_images_in_earlier_turns(servers):
+def test_chat_history_with_images_in_earlier_turns(servers, tok):
     """An image in the first turn and two in the last: 200, every image's tokens in the prompt;
     past the limit (tight: 2 images) counted over the whole history."""
     img = lambda i: {"type": "image_url", "image_url": {"url": data_url(scene_image(i))}}
@@ -196,7 +203,7 @@ def test_chat_history_with_images_in_earlier_turns(servers):
                                             json={"messages": messages, "max_tokens": 4})
     full, text = ask(servers.base, history([img(11)], [img(12), img(13)])), ask(servers.base, history([], []))
     assert full.status_code == text.status_code == 200, full.text
-    assert full.json()["usage"]["prompt_tokens"] == text.json()["usage"]["prompt_tokens"] + 3 * 16
+    assert full.json()["usage"]["prompt_tokens"] == text.json()["usage"]["prompt_tokens"] + 3 * 16 + names(tok, 2)
     over = ask(servers.tight, history([img(11)], [img(12), img(13)]))
     assert over.status_code == 400 and over.json()["error"]["code"] == "too_many_images"
     assert ask(servers.tight, history([img(11)], [img(12)])).status_code == 200

@@ -52,7 +52,27 @@ def test_text_before_image_encodes_like_image_first(tok):
     assert ids("描述这张图片<image>") == ids("<image>描述这张图片") == ids("描述这张图片")
     assert ids("描述这张图片\n<image>") == ids("<image>描述这张图片")
     assert ids("Describe <image> please") == ids("<image>Describe please")
-    assert ids("左边<image>和右边<image>哪个有红色？", 2) == ids("<image><image>左边 和右边 哪个有红色？", 2)
+    assert ids("两张图<image><image>哪个有红色？", 2) == ids("<image><image>两张图 哪个有红色？", 2)
+
+
+def test_several_images_are_named_in_front_and_named_turns_keep_their_order(tok):
+    """A small language model cannot tell which of two runs of image tokens came first; the template
+    names each picture in front of it, as multi-image models are prompted ("Picture 1: <img>"). A
+    turn whose words already stand between its images keeps its order."""
+    def ids(content, n=2):
+        return tok.encode_chat([{"role": "user", "content": content}], 9, n, add_generation_prompt=True)[0]
+    named = ids("图1：<image>图2：<image>哪张图里有红色的圆形？")
+    assert ids("<image><image>哪张图里有红色的圆形？") == ids("哪张图里有红色的圆形？<image><image>") == named
+    assert ids("哪张图里有红色的圆形？") == named                    # images without markers go first too
+    first = named.index(tok.image_id)
+    second = named.index(tok.image_id, first + 9)
+    assert named[first - len(tok.encode("图1：")):first] == tok.encode("图1：")
+    assert named[second - len(tok.encode("图2：")):second] == tok.encode("图2：")
+    assert named[first:first + 9] == named[second:second + 9] == [tok.image_id] * 9
+    assert ids("左边<image>和右边<image>哪个是红色？") == tok.encode_chat([], 9, 0)[0] + [tok.user_id] + \
+        tok.encode("左边") + [tok.image_id] * 9 + tok.encode("和右边") + [tok.image_id] * 9 + tok.encode("哪个是红色？") + \
+        [tok.assistant_id]
+    assert ids("<image>描述", 1)[1:].count(tok.image_id) == 9 and tok.encode("图1：")[0] not in ids("<image>描述", 1)
 
 
 def test_splits_like_gpt2_and_no_merge_joins_a_cjk_character(tok):
