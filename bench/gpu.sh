@@ -20,12 +20,14 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 start=$(date +%s)
 {
   "$PY" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available())"
-  if [ "${1:-}" = "--smoke" ]; then
-    "$PY" bench/bench_real.py --smoke --out "$OUT"
-    "$PY" bench/bench_sizes.py --smoke --out "$OUT/gpu_sizes.json"
-    "$PY" bench/bench_train.py --batch 2 --steps 1 --rounds 1 --no-memory --json > "$OUT/gpu_train.json"
-    "$PY" bench/bench_generate.py --batches 1 --new-tokens 4 --rounds 1 --no-memory --json > "$OUT/gpu_generate.json"
-    "$PY" bench/bench_vllm.py --ours-only --preset micro --requests 4 --clients 2 --max-tokens 4 --json "$OUT/gpu_vllm.json"
+  if [ "${1:-}" = "--smoke" ]; then       # the steps side by side (most of each is imports), each must succeed
+    pids=()
+    "$PY" bench/bench_real.py --smoke --out "$OUT" & pids+=($!)
+    "$PY" bench/bench_sizes.py --smoke --out "$OUT/gpu_sizes.json" & pids+=($!)
+    "$PY" bench/bench_train.py --batch 2 --steps 1 --rounds 1 --no-memory --json > "$OUT/gpu_train.json" & pids+=($!)
+    "$PY" bench/bench_generate.py --batches 1 --new-tokens 4 --rounds 1 --no-memory --json > "$OUT/gpu_generate.json" & pids+=($!)
+    "$PY" bench/bench_vllm.py --ours-only --preset micro --requests 4 --clients 2 --max-tokens 4 --json "$OUT/gpu_vllm.json" & pids+=($!)
+    for pid in "${pids[@]}"; do wait "$pid"; done
   else
     timeout 310 "$PY" bench/bench_real.py --budget 250 --out "$OUT" || echo "bench_real 超时或失败"
     timeout 90 "$PY" bench/bench_sizes.py --out "$OUT/gpu_sizes.json" || echo "bench_sizes 超时或失败"
