@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_train.py --threads $(BENCH_THREADS) $(BENCH_TRAIN_FLAGS) --out bench/results/train.json
 	$(PY) bench/bench_generate.py --threads $(BENCH_THREADS) --out bench/results/generate.json
 	$(PY) bench/bench_pipeline.py --threads $(BENCH_THREADS)
+	$(PY) bench/bench_packing.py --threads $(BENCH_THREADS)
 	$(PY) bench/bench_serve.py
 
 # Serving throughput: 8 concurrent clients vs the same requests one at a time (docs/benchmarks.md).

@@ -203,6 +203,7 @@ def image_preprocessing(source: str, tower: HFVisionTower) -> dict:
 class HFLanguageModel(nn.Module):
     """A transformers causal LM (optionally with peft LoRA adapters) behind LanguageModel's interface."""
     max_len = None              # positions are computed, not looked up: no hard context limit
+    packs = False               # it reads a 2-D key mask from ours (forward): one sample per row
 
     def __init__(self, model: nn.Module, source: str):
         super().__init__()

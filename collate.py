@@ -3,10 +3,11 @@
 A sample is {"images": [PIL.Image, ...], "messages": [...], ...extra tensors}, with one `<image>`
 marker per image in its user turns (or none: the images then go in front of the first user turn);
 the older {"image": PIL.Image | None} form means a list of one or none. Training batches are
-right-padded (loss masks hide the pad); generation batches are left-padded with an attention
-mask so every row's last token sits at the same column. A batch's pixels are every image of
-every sample, in sample order and then image order: the order of the `<image>` runs in the
-flattened batch, which is how VLM.embed splices them. They stay uint8 (images.to_tensor):
+right-padded (loss masks hide the pad), or packed: several samples to a row, each attending to
+itself alone; generation batches are left-padded with an attention mask so every row's last
+token sits at the same column. A batch's pixels are every image of every sample, in the order
+the samples stand row by row and then image order: the order of the `<image>` runs in the
+flattened batch, which is how VLM.embed splices them; per-sample extra tensors follow that order. They stay uint8 (images.to_tensor):
 VLM.embed normalises them on the device.
 """
 from __future__ import annotations
@@ -14,18 +15,19 @@ from __future__ import annotations
 import torch
 
 from images import to_tensor
-from layout import image_positions, loss_targets
+from layout import image_positions, loss_targets, positions_and_mask
 from model import VLMConfig
 from tokenizer import Tokenizer, kept_length
 
 
 class Collator:
     """Callable for DataLoader(collate_fn=...). train=True: prompt + answer, right padding,
-    labels. train=False: prompt + assistant marker, left padding, for generate()."""
+    labels. train=False: prompt + assistant marker, left padding, for generate(). pack (training
+    only, for a language model that declares `packs`): several samples share a row (pack())."""
 
     def __init__(self, tokenizer: Tokenizer, cfg: VLMConfig, train: bool = True,
-                 max_len: int | None = None):
-        self.tok, self.cfg, self.train = tokenizer, cfg, train
+                 max_len: int | None = None, pack: bool = False):
+        self.tok, self.cfg, self.train, self.pack = tokenizer, cfg, train, pack and train
         self.max_len = max_len or cfg.lm_max_len
 
     def encode(self, sample):
@@ -45,25 +47,46 @@ class Collator:
     def __call__(self, samples):
         encoded = [self.encode(s) for s in samples]
         T = max(len(ids) for ids, _ in encoded)
-        B = len(samples)
+        rows = pack([len(ids) for ids, _ in encoded], T) if self.pack else [[i] for i in range(len(samples))]
+        B = len(rows)
         input_ids = torch.full((B, T), self.tok.pad_id, dtype=torch.long)
         labels = torch.full((B, T), -100, dtype=torch.long)
-        attention_mask = torch.zeros((B, T), dtype=torch.long)
-        for b, (ids, lab) in enumerate(encoded):
-            sl = slice(0, len(ids)) if self.train else slice(T - len(ids), T)
-            input_ids[b, sl] = torch.tensor(ids)
-            labels[b, sl] = torch.tensor(lab)
-            attention_mask[b, sl] = 1
+        attention_mask = torch.zeros((B, T), dtype=torch.long)      # 0: pad, k: the row's k-th sample
+        for b, row in enumerate(rows):
+            col = 0 if self.train else T - len(encoded[row[0]][0])
+            for k, i in enumerate(row, 1):
+                ids, lab = encoded[i]
+                sl = slice(col, col + len(ids))
+                input_ids[b, sl], labels[b, sl], attention_mask[b, sl] = torch.tensor(ids), torch.tensor(lab), k
+                col += len(ids)
+        samples = [samples[i] for row in rows for i in row]          # reading order: the splice's, the extras'
         images = [to_tensor(img, self.cfg) for s in samples for img in images_of(s)]
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "samples": len(samples),
                  "pixels": torch.stack(images) if images else None}
-        if self.train:      # the splice's and the loss's positions, worked out here on the CPU (layout.py)
+        if self.train:      # the splice's, the loss's and attention's layout, worked out here on the CPU (layout.py)
             batch["labels"], batch["targets"] = labels, loss_targets(labels)
             batch["image_pos"] = image_positions(input_ids, len(images), self.cfg.image_token_id, self.cfg.image_tokens)
+            packed = B < len(samples)          # else right padding needs no mask: causal attention ignores it
+            batch["attention"] = positions_and_mask(attention_mask if packed else None, (B, T))
         for key in samples[0]:
             if key not in ("image", "images", "messages") and isinstance(samples[0][key], torch.Tensor):
                 batch[key] = torch.stack([s[key] for s in samples])
         return batch
+
+
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Samples (indices into `lengths`) into rows of at most `capacity` tokens: first fit, longest
+    first. A padded batch's rows are about half padding when lengths vary; packed, the same
+    samples take fewer rows, and each still sees only itself (layout.positions_and_mask)."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if r is None:
+            rows.append([]), room.append(capacity)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
 
 
 def images_of(sample) -> list:

@@ -47,16 +47,32 @@ def loss_targets(labels) -> Targets:
     return Targets(start, rows * (labels.shape[1] - start) + col, target[:, start:][keep[:, start:]])
 
 
-def positions_and_mask(attention_mask, shape):
-    """Positions count only real tokens (left padding shifts them); the mask is causal and
-    hides pad keys. With no padding, mask is None and SDPA's fast causal path is used."""
+class Attention(NamedTuple):
+    """Who attends to whom: positions (B, T) for RoPE, and mask (B, 1, T, T) bool or None for
+    plain causal attention."""
+    positions: torch.Tensor
+    mask: torch.Tensor | None
+
+    def to(self, device, non_blocking: bool = False) -> "Attention":
+        return Attention(*(None if t is None else t.to(device, non_blocking=non_blocking) for t in self))
+
+
+def positions_and_mask(attention_mask, shape) -> Attention:
+    """attention_mask (B, T): 0 for padding, else the number of the sample a token belongs to: 1
+    in an ordinary row, 1, 2, ... in a packed one (collate.pack). Positions count from each
+    sample's first token (left padding shifts them); the mask is causal within a sample and hides
+    pad keys (a pad query sees every real key before it: a right-padded row's last query row is
+    the row's key mask, backbones.HFLanguageModel). One sample per row and no padding: mask is None and SDPA's fast causal path is used."""
     B, T = shape
-    if attention_mask is None or bool(attention_mask.all()):
+    if attention_mask is None or bool((attention_mask == 1).all()):
         dev = None if attention_mask is None else attention_mask.device
-        return torch.arange(T, device=dev).expand(B, T), None
-    am = attention_mask.bool()
-    positions = (am.long().cumsum(1) - 1).clamp(min=0)
+        return Attention(torch.arange(T, device=dev).expand(B, T), None)
+    am = attention_mask
+    col = torch.arange(T, device=am.device).expand(B, T)
+    first = torch.cat([torch.ones_like(am[:, :1], dtype=torch.bool), am[:, 1:] != am[:, :-1]], 1)
+    start = torch.where(first, col, 0).cummax(1).values               # where each token's sample began
+    positions = torch.where(am > 0, col - start, 0)
     causal = torch.ones(T, T, dtype=torch.bool, device=am.device).tril()
-    mask = causal & am[:, None, None, :]                   # (B, 1, T, T)
+    mask = causal & ((am[:, :, None] == am[:, None, :]) | (am[:, :, None] == 0)) & (am[:, None, :] > 0)
     mask |= torch.eye(T, dtype=torch.bool, device=am.device)  # pad rows attend to themselves (no NaN)
-    return positions, mask
+    return Attention(positions, mask[:, None])

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import llava_layouts
 from images import normalise
-from layout import Targets, image_positions, loss_targets, positions_and_mask
+from layout import Attention, Targets, image_positions, loss_targets, positions_and_mask
 
 
 @dataclass
@@ -272,6 +272,7 @@ class DecoderBlock(nn.Module):
 
 class LanguageModel(nn.Module):
     source = None               # built here: the weights live only in our checkpoint
+    packs = True                # takes any (B, 1, T, T) mask: training rows may hold several samples
 
     def __init__(self, cfg: VLMConfig):
         super().__init__()
@@ -316,7 +317,8 @@ class VLM(nn.Module):
       lm(embeds, positions, mask, cache, q_from) -> hidden states; lm.embed(ids), lm.logits(hidden),
         lm.new_cache(batch, max_len) -> a cache with stacked() / from_stacked() (its keys and values as
         (L, B, H_kv, T, hd) tensors and back: the server's engine joins and cuts rows that way);
-        it declares max_len (None: no fixed context), source, and llava_text() for export."""
+        it declares max_len (None: no fixed context), source, packs (whether it honours any mask, so
+        training may pack several samples into a row) and llava_text() for export."""
 
     def __init__(self, cfg: VLMConfig, vision: nn.Module | None = None, lm: nn.Module | None = None):
         super().__init__()
@@ -351,14 +353,15 @@ class VLM(nn.Module):
         return x
 
     def forward(self, input_ids, pixels=None, labels=None, attention_mask=None, image_pos=None,
-                targets: Targets | None = None):
+                targets: Targets | None = None, attention: Attention | None = None):
         """Training/scoring pass. labels: (B, T) next-token targets aligned with input_ids,
         -100 where no loss is taken (prompt, image, pad). Returns (loss, logits); with labels
         only the supervised positions' logits are computed (a large saving on image tokens).
-        image_pos and targets (layout.py, from the collator) stand for the ids' and labels'
-        layout: given them, the pass has no data-dependent shape and never waits for the device."""
+        image_pos, targets and attention (layout.py, from the collator) stand for the ids', the
+        labels' and attention_mask's layout: given them, the pass has no data-dependent shape and
+        never waits for the device."""
         x = self.embed(input_ids, pixels, image_pos)
-        positions, mask = positions_and_mask(attention_mask, input_ids.shape)
+        positions, mask = attention if attention is not None else positions_and_mask(attention_mask, input_ids.shape)
         if labels is None and targets is None:
             return None, self.lm.logits(self.lm(x, positions.to(x.device), mask))
         start, index, target = targets if targets is not None else loss_targets(labels)

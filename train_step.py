@@ -19,7 +19,8 @@ import torch
 
 def scored(model, batch):
     """(loss, logits) of a collated training batch, through the layout the collator prepared."""
-    return model(batch["input_ids"], batch["pixels"], image_pos=batch["image_pos"], targets=batch["targets"])
+    return model(batch["input_ids"], batch["pixels"], image_pos=batch["image_pos"], targets=batch["targets"],
+                 attention=batch["attention"])
 
 
 class TrainStep(torch.nn.Module):

@@ -70,7 +70,7 @@ def main(argv=None):
             print(f"  问: {s['messages'][0]['content']}  答: {pred}  （正确: {s['messages'][1]['content']}）")
 
     meta = {"lang": a.lang, "data": "synthetic", "preset": a.preset}
-    trainer = trainer_class(cfg)(model, tok, train, Collator(tok, mcfg), cfg, val_data=val, aux=probe,
+    trainer = trainer_class(cfg)(model, tok, train, Collator(tok, mcfg, pack=model.lm.packs), cfg, val_data=val, aux=probe,
                                    on_epoch_end=show_samples, meta=meta)
     try:
         trainer.fit()

@@ -147,7 +147,7 @@ def main(argv=None):
                            score=-r["cider"] if a.select_by == "cider" else None)
 
     meta = {**meta, "lang": lang, "data": data.names, "select_by": a.select_by}
-    trainer = trainer_class(cfg)(model, tok, sets.train, Collator(tok, model.cfg), cfg, val_data=sets.val,
+    trainer = trainer_class(cfg)(model, tok, sets.train, Collator(tok, model.cfg, pack=model.lm.packs), cfg, val_data=sets.val,
                                  aux=pixel_probe.for_model(model), on_epoch_end=on_epoch_end, meta=meta)
     if hint := scratch_hint(a, len(sets.train)):
         say(hint)

@@ -219,7 +219,7 @@ class Trainer:
                 lm_loss = self.train_batch(batch, sync=(j + 1) % self.cfg.accum == 0)
                 running = running + lm_loss                    # stays on the device: no per-step sync
                 seen += 1
-                samples += len(batch["input_ids"]) * self.world
+                samples += batch["samples"] * self.world
                 if self.is_main and (j == len(batches) - 1 or (j + 1) % shown_every == 0):
                     lr = self.opt.param_groups[0]["lr"]
                     bar.set_postfix_str(f"loss={float(lm_loss):.2f}, avg={float(running) / seen:.2f}, lr={lr:.1e}",
@@ -373,8 +373,8 @@ class Trainer:
             batch = self.to_device(batch)
             with self.autocast(), self.cached_features():
                 loss, _ = scored(self.model, batch)
-            total += loss.float() * len(batch["input_ids"])          # summed on the device
-            n += len(batch["input_ids"])
+            total += loss.float() * batch["samples"]                 # summed on the device
+            n += batch["samples"]
         self.model.train()
         total, n = self.all_reduce([float(total), n])                    # every rank scored its own share
         return total / max(1, n)

@@ -1,6 +1,7 @@
 """The speed benchmarks still run end to end and report what docs/benchmarks.md quotes (one short
 round each; the figures themselves are measured by `make bench`, not here)."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,16 @@ def test_pipeline_bench_measures_its_three_paths():
     assert out.stdout.startswith("8 张 64×48 JPEG")
     rows = [l for l in out.stdout.splitlines() if l.startswith("| ") and "图片/s" not in l and "---" not in l]
     assert len(rows) == 3 and all(float(l.split("|")[2]) > 0 for l in rows), out.stdout
+
+
+def test_packing_bench_checks_equal_losses_and_reports_fewer_positions():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_packing.py"), "--threads", "1", "--preset", "micro",
+                          "--batch", "16", "--steps", "2", "--rounds", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "首批损失两边相同" in out.stdout
+    rows = {l.split("|")[1].strip(): l.split("|") for l in out.stdout.splitlines() if l.startswith("| pa")}
+    assert set(rows) == {"padded", "packed"}
+    assert float(rows["packed"][2]) < float(rows["padded"][2])                # fewer token positions a step
+    assert all(float(r[3]) > 0 for r in rows.values())
+    assert re.search(r"packed 比 padded 快 [0-9.]+ 倍", out.stdout), out.stdout

@@ -80,7 +80,7 @@ def test_hf_backbone_step_is_one_graph_and_compiles_a_few_times(tmp_path):
 
 class CompiledTrainer(Trainer):
     """--compile's step (whole: fullgraph=True) with the counting backend; records the lengths seen."""
-    backend, lengths = None, set()
+    backend, lengths, rows = None, set(), set()
 
     def training_step(self):
         net = super().training_step()
@@ -90,12 +90,14 @@ class CompiledTrainer(Trainer):
 
     def train_batch(self, batch, sync):
         self.lengths.add(batch["input_ids"].shape[1])
+        self.rows.add(batch["input_ids"].shape[0])
         return super().train_batch(batch, sync)
 
 
 def test_trainer_compile_trains_as_eager_does(tok, tmp_path):
-    """--compile through the trainer, the built-in model with the demo's auxiliary probe: an epoch
-    of batches of varying lengths compiles a few times and ends with the eager run's weights."""
+    """--compile through the trainer, the built-in model with the demo's auxiliary probe and packed
+    rows: an epoch of batches of varying lengths and row counts compiles a few times and ends with
+    the eager run's weights."""
     runs = {}
     for name, cls in (("eager", Trainer), ("compiled", CompiledTrainer)):
         torch.manual_seed(0)
@@ -105,10 +107,11 @@ def test_trainer_compile_trains_as_eager_does(tok, tmp_path):
         tc = TrainConfig(epochs=1, batch_size=8, lr=3e-3, output=str(tmp_path / name / "m.pt"), precision="fp32",
                          workers=0, compile=name == "compiled")
         CompiledTrainer.backend = Counting()
-        t = cls(model, tok, train, Collator(tok, cfg), tc, aux=scenes.CellProbe(model.vision, cfg.vit_dim),
+        t = cls(model, tok, train, Collator(tok, cfg, pack=model.lm.packs), tc, aux=scenes.CellProbe(model.vision, cfg.vit_dim),
                 log=lambda *a: None)
         t.fit()
         runs[name] = model.state_dict()
     assert len(CompiledTrainer.lengths) >= 4 and 1 <= CompiledTrainer.backend.graphs <= MAX_COMPILES
+    assert len(CompiledTrainer.rows) >= 2 and max(CompiledTrainer.rows) < 8           # packed: fewer rows than samples
     for k, v in runs["eager"].items():
         torch.testing.assert_close(runs["compiled"][k], v, rtol=1e-3, atol=1e-4, msg=k)

@@ -152,6 +152,17 @@ def test_positions_skip_left_padding():
     assert positions_and_mask(torch.ones(2, 3, dtype=torch.long), (2, 3))[1] is None
 
 
+def test_a_packed_row_keeps_its_samples_apart():
+    """attention_mask numbers a packed row's samples (0 is padding): positions restart with each
+    sample, a token sees the earlier tokens of its own sample only."""
+    am = torch.tensor([[1, 1, 2, 2, 2, 0]])
+    pos, mask = positions_and_mask(am, am.shape)
+    assert pos.tolist() == [[0, 1, 0, 1, 2, 0]]
+    assert mask[0, 0, 1].tolist() == [True, True, False, False, False, False]
+    assert mask[0, 0, 4].tolist() == [False, False, True, True, True, False]
+    assert mask[0, 0, 5].tolist() == [True] * 6          # a pad query: every real key before it, and itself
+
+
 def test_training_pass_skips_nothing_it_needs(tiny, tok):
     """VLM.forward lets the last decoder block skip the positions before the first supervised
     token; loss and logits must equal those taken from the full sequence (padded or not)."""

@@ -1,17 +1,18 @@
 """Several images per sample: the collator's order of pixels, the splice in a padded batch equal
-to each sample alone (built-in model and a Hugging Face backbone), and the length cut that never
-drops an image token."""
+to each sample alone (built-in model and a Hugging Face backbone), packed rows that train exactly
+like padded ones, and the length cut that never drops an image token."""
 import pytest
 import torch
 from PIL import Image
 
 import backbones
 import tiny_hf
-from collate import Collator
+from collate import Collator, pack
 from images import normalise, to_tensor
 from layout import positions_and_mask
 from model import VLM, VLMConfig
 from tests.conftest import tiny_config
+from train_step import scored
 
 COLOURS = [(200, 30, 30), (20, 180, 40), (30, 40, 210), (230, 230, 20), (120, 20, 160)]
 
@@ -75,6 +76,39 @@ def test_padded_batch_with_0_1_2_images_equals_each_sample_alone(kind, train, to
             assert torch.equal(batch["input_ids"][r][real], one["input_ids"][0])
             torch.testing.assert_close(emb[r][real], alone_emb, rtol=0, atol=1e-6)
             torch.testing.assert_close(logits[r][real], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_rows_train_exactly_like_one_sample_a_row(tok):
+    """Packing (collate.pack) puts the samples, with 0, 1 and 2 images, into fewer rows; each still
+    sees only itself, so the loss and every gradient equal the padded batch's; images and per-sample
+    tensors follow the packed order."""
+    model, _ = builtin(tok)
+    model.train()
+    many = [{**s, "n": torch.tensor(i)} for i, s in enumerate(samples() * 3)]
+    results = []
+    for pack in (False, True):
+        batch = Collator(tok, model.cfg, train=True, pack=pack)(many)
+        model.zero_grad()
+        loss, _ = scored(model, batch)
+        loss.backward()
+        results.append((batch, loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (padded, loss, grads), (packed, loss_packed, grads_packed) = results
+    assert len(packed["input_ids"]) < len(padded["input_ids"]) == packed["samples"] == len(many)
+    assert packed["input_ids"].shape[1] == padded["input_ids"].shape[1]      # no row grows
+    assert int(packed["attention_mask"].max()) >= 2                            # rows really hold several
+    order = packed["n"].tolist()
+    assert sorted(order) == list(range(len(many))) and order != sorted(order)
+    want = [to_tensor(img, model.cfg) for i in order for img in many[i].get("images", [many[i].get("image")])]
+    assert torch.equal(packed["pixels"], torch.stack(want))
+    torch.testing.assert_close(loss_packed, loss)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_packed[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_pack_fills_rows_longest_first_and_never_past_the_row():
+    rows = pack([5, 9, 2, 4, 7, 1], 9)
+    assert rows == [[1], [4, 2], [0, 3], [5]]             # 9 | 7+2 | 5+4 | 1
+    assert sorted(i for r in rows for i in r) == list(range(6))
 
 
 def test_each_image_lands_in_its_own_run(tok):
