@@ -7,8 +7,8 @@ right-padded (loss masks hide the pad), or packed: several samples to a row, eac
 itself alone; generation batches are left-padded with an attention mask so every row's last
 token sits at the same column. A batch's pixels are every image of every sample, in the order
 the samples stand row by row and then image order: the order of the `<image>` runs in the
-flattened batch, which is how VLM.embed splices them; per-sample extra tensors follow that order. They stay uint8 (images.to_tensor):
-VLM.embed normalises them on the device.
+flattened batch, which is how VLM.embed splices them (per-sample extra tensors follow the same
+order). They stay uint8 (images.to_tensor): VLM.embed normalises them on the device.
 """
 from __future__ import annotations
 
@@ -82,8 +82,9 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         r = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
         if r is None:
-            rows.append([]), room.append(capacity)
-            r = len(rows) - 1
+            r = len(rows)
+            rows.append([])
+            room.append(capacity)
         rows[r].append(i)
         room[r] -= lengths[i]
     return rows
