@@ -62,7 +62,8 @@ def positions_and_mask(attention_mask, shape) -> Attention:
     in an ordinary row, 1, 2, ... in a packed one (collate.pack). Positions count from each
     sample's first token (left padding shifts them); the mask is causal within a sample and hides
     pad keys (a pad query sees every real key before it: a right-padded row's last query row is
-    the row's key mask, backbones.HFLanguageModel). One sample per row and no padding: mask is None and SDPA's fast causal path is used."""
+    the row's key mask, backbones.HFLanguageModel). One sample per row and no padding: mask is
+    None and SDPA's fast causal path is used."""
     B, T = shape
     if attention_mask is None or bool((attention_mask == 1).all()):
         dev = None if attention_mask is None else attention_mask.device
