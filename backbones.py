@@ -1,10 +1,9 @@
 """Pretrained backbones from Hugging Face: a CLIP / SigLIP / SigLIP2 vision tower and an existing
 causal LM (Llama, Qwen2, SmolLM2 ...) with its own tokenizer and chat template.
 
-Both are wrapped to the small interface VLM expects (model.py), declared capabilities included,
-so Collator, generate, serve, export and checkpoints need no changes:
-    HFVisionTower(pixels)           -> (B, N, Dv)  hidden states of one layer, CLS dropped
-    HFLanguageModel(x, pos, mask, cache) -> (B, T, D); .embed(ids), .logits(h), .new_cache(...)
+Both are wrapped to the small interface VLM expects (model.py), declared capabilities included, so Collator,
+generate, serve, export and checkpoints need no changes: HFVisionTower(pixels) -> (B, N, Dv), one layer's hidden
+states, CLS dropped; HFLanguageModel(x, pos, mask, cache) -> (B, T, D), .embed(ids), .logits(h), .new_cache(...).
 A family of vision towers (CLIP, SigLIP, ...) is one row of VISION_FAMILIES. This module also
 decides what trains (projector / vision+projector / lora / all, with separate learning rates).
 transformers and peft are imported inside functions: the built-in model never pays for them.
@@ -186,8 +185,7 @@ def load_vision_tower(source: str, feature_layer: int = -2, config: dict | None 
 
 
 def image_preprocessing(source: str, tower: HFVisionTower) -> dict:
-    """Image size from the tower; mean/std from its own preprocessor config (defaults by family
-    if the folder has none)."""
+    """Image size from the tower; mean/std from its own preprocessor config (the family's defaults without one)."""
     from transformers import AutoImageProcessor
     try:
         proc = AutoImageProcessor.from_pretrained(source)
@@ -228,8 +226,11 @@ class HFLanguageModel(nn.Module):
                       **{cache_arg: cache})                  # transformers 5.x renamed past_key_values
         return out.last_hidden_state[:, q_from:]             # computed for all, returned from q_from on
 
+    def get_output_embeddings(self) -> nn.Module:
+        return self.hf_model.get_output_embeddings()
+
     def logits(self, h):
-        return self.hf_model.get_output_embeddings()(h)
+        return self.get_output_embeddings()(h)
 
     def new_cache(self, batch: int, max_len: int):
         from hf_cache import StackedDynamicCache
@@ -249,10 +250,9 @@ class HFLanguageModel(nn.Module):
 
 
 def load_causal_lm(source: str, config: dict | None = None, tokenizer: ChatTemplateTokenizer | None = None):
-    """(HFLanguageModel, ChatTemplateTokenizer). `<image>` is added to the tokenizer as a special
-    token and the embeddings grow to fit, new rows set to the mean embedding (deterministic, so a
-    delta checkpoint rebuilds the very same base). With `config` (full checkpoint) the model is
-    built from it and the tokenizer must be given."""
+    """(HFLanguageModel, ChatTemplateTokenizer). `<image>` is added to the tokenizer as a special token and the
+    embeddings grow to fit, new rows set to the mean embedding (deterministic, so a delta checkpoint rebuilds the
+    very same base). With `config` (full checkpoint) the model is built from it and the tokenizer must be given."""
     import transformers
     quiet_transformers()
     if config is not None:
@@ -335,7 +335,7 @@ def hf_parts(model: VLM) -> list[nn.Module]:
 def configure_training(model: VLM, train: str, lr: float, projector_lr: float | None = None,
                        backbone_lr: float | None = None, lora_r: int = 16, gradient_checkpointing: bool = False):
     """Freeze / unfreeze per the choice (TRAINS; the default with an existing LLM is
-    vision+projector) and tag each trainable parameter with `lr_scale` (trainer.param_groups
+    vision+projector) and tag each trainable parameter with `lr_scale` (optim.param_groups
     turns equal scales into one optimizer group). Pretrained (HF) parts learn at backbone_lr
     (default lr/10), the projector at projector_lr (default lr), built-in parts from scratch at lr."""
     if train not in TRAIN_CHOICES:

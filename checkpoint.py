@@ -382,17 +382,19 @@ def cpu_copy(obj):
     return obj
 
 
-def load_resume(output: str | Path, batch_size: int, model: VLM, aux, optimizer, scaler) -> dict:
+def load_resume(output: str | Path, train_config: dict, model: VLM, aux, optimizer, scaler) -> dict:
     """Restore the weights, optimizer, scaler and random state saved beside `output` and return
     the file's counters and "train_config". Files of older versions gain "seen_in_epoch" and
-    "world_size"; another --batch-size than the saved one is refused."""
+    "world_size"; another --batch-size or --optimizer than the saved one is refused."""
     path = resume_path(output)
     obj = read_file(path, "断点文件", RESUME_FORMAT) if path.exists() else None
     if obj is None:
         raise UserError(f"找不到断点文件 {path}，无法 --resume。去掉 --resume 从头训练，或检查 --output。")
-    saved = obj["train_config"]
-    if saved["batch_size"] != batch_size:
-        raise UserError(f"断点用的是 --batch-size {saved['batch_size']}（每个进程），继续训练时必须相同。")
+    saved = {"optimizer": "adamw", **obj["train_config"]}       # files from before --optimizer: AdamW
+    for key, what in (("batch_size", "（每个进程）"), ("optimizer", "")):
+        if saved[key] != train_config[key]:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"断点用的是 {flag} {saved[key]}{what}，继续训练时必须相同（这次是 {train_config[key]}）。")
     restore_weights(model, obj["checkpoint"], path)
     if aux is not None and obj["aux"] is not None:
         aux.load_state_dict(obj["aux"])
@@ -405,8 +407,8 @@ def load_resume(output: str | Path, batch_size: int, model: VLM, aux, optimizer,
 
 
 def resume_bytes(model: VLM, aux, optimizer, delta: bool) -> int:
-    """A lower bound on the size of one resume-state file: the stored weights plus AdamW's two
-    moments per trained parameter (frozen backbone weights of a "delta" checkpoint are not stored)."""
+    """A lower bound on the size of one resume-state file: the stored weights plus two moments per
+    trained parameter (AdamW's; Muon keeps one of them) (frozen backbone weights of a "delta" checkpoint are not stored)."""
     trained = [p for g in optimizer.param_groups for p in g["params"]]
     moments = 2 * sum(p.numel() * p.element_size() for p in trained)
     if delta:

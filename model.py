@@ -297,8 +297,11 @@ class LanguageModel(nn.Module):
             cache.len += T
         return self.norm(x)
 
+    def get_output_embeddings(self) -> nn.Module:
+        return self.embed                                          # tied: logits score with the embeddings
+
     def logits(self, h):
-        return F.linear(h, self.embed.weight)                      # tied embeddings
+        return F.linear(h, self.embed.weight)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache((self.cfg.lm_layers, batch, self.cfg.lm_kv_heads, max_len, self.cfg.lm_dim // self.cfg.lm_heads))
@@ -314,7 +317,8 @@ class VLM(nn.Module):
     stand in (backbones.py wraps Hugging Face towers and LLMs this way). Given modules keep their weights.
       vision(pixels) -> (B, N, vit_dim); it declares has_cls (a CLS token was dropped), feature_layer,
         source (where pretrained weights come from; None: built here) and llava_vision() for export.
-      lm(embeds, positions, mask, cache, q_from) -> hidden states; lm.embed(ids), lm.logits(hidden),
+      lm(embeds, positions, mask, cache, q_from) -> hidden states; lm.embed(ids), lm.logits(hidden) (scored
+        by lm.get_output_embeddings(), the layer whose rows are the vocabulary, as in transformers),
         lm.new_cache(batch, max_len) -> a cache with stacked() / from_stacked() (its keys and values as
         (L, B, H_kv, T, hd) tensors and back: the server's engine joins and cuts rows that way);
         it declares max_len (None: no fixed context), source, packs (whether it honours any mask, so

@@ -60,6 +60,9 @@ class TrainConfig:
     fsdp: bool = option(False, "用 torchrun 多进程训练时改用 FSDP2：模型按层切分到各进程，每块 GPU 只放自己那一份权重、梯度和"
                                "优化器状态，单卡放不下的大语言模型（如 7B 全量训练）也能训练；bf16 时按 bf16 计算、fp32 汇总梯度"
                                "（见 docs/distributed.md）")
+    optimizer: str = option("adamw", "优化器 (默认: {default})：adamw；或 muon = 隐藏层的权重矩阵（各层的 nn.Linear）用 Muon"
+                                     "（正交化的动量更新），其余参数用 AdamW。从头训练的小模型用 muon 收敛明显更快（见 docs/training.md）",
+                            choices=["adamw", "muon"])
     min_lr_ratio: float = 0.1        # cosine ends at lr * this
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -74,7 +77,10 @@ class TrainConfig:
                   (self.save_minutes > 0 and math.isfinite(self.save_minutes), "--save-minutes 必须是大于 0 的数"),
                   (0 <= self.warmup < 1, "--warmup 必须在 [0, 1) 之间"),
                   (self.precision in ("auto", "bf16", "fp16", "fp32"), "--precision 只能是 auto/bf16/fp16/fp32"),
-                  (self.feature_cache_gb >= 0, "--feature-cache-gb 不能是负数")]
+                  (self.feature_cache_gb >= 0, "--feature-cache-gb 不能是负数"),
+                  (self.optimizer in ("adamw", "muon"), "--optimizer 只能是 adamw 或 muon"),
+                  (not (self.fsdp and self.optimizer == "muon"),
+                   "--fsdp 不能和 --optimizer muon 一起用：Muon 每步要整块权重矩阵，FSDP 把矩阵切分到了各个进程。请用 --optimizer adamw")]
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg + "。")

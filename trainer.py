@@ -1,8 +1,8 @@
 """The one training loop both training scripts call.
 
-AdamW (no decay on norms/biases) -> linear warmup + cosine decay -> bf16 autocast (fp16 +
-GradScaler where bf16 is missing) -> gradient accumulation and clipping -> non-finite steps
-skipped -> validation each epoch -> best checkpoint by validation loss -> resume state beside it.
+AdamW, or Muon for the hidden matrices (optim.py) -> linear warmup + cosine decay -> bf16
+autocast (fp16 + GradScaler where bf16 is missing) -> gradient accumulation and clipping ->
+non-finite steps skipped -> validation each epoch -> best checkpoint by validation loss -> resume state beside it.
 
 Data order is a pure function of (seed, epoch), so a resumed run replays exactly the batches an
 uninterrupted run would have seen and ends with the same weights.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +39,7 @@ from devices import autocast_dtype, default_workers, resolve_device, store_froze
 from distributed import all_reduce, init_distributed, rank_keys, say
 from errors import UserError
 from feature_cache import CachedTower
+from optim import build_optimizer, lr_at
 from pace import Pace, epoch_bar
 from train_config import TrainConfig
 from train_step import NonFinite, TrainStep, compile_step, forward_backward, scored
@@ -57,14 +57,6 @@ class TrainingInterrupted(Exception):
     """Raised after resume state was saved on SIGINT/SIGTERM."""
 
 
-def lr_at(step: int, total: int, peak: float, warmup_steps: int, min_ratio: float) -> float:
-    """Linear warmup from peak/warmup to peak, then cosine from peak to peak*min_ratio at `total`."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 # ----------------------------------------------------------------------------- the loop's parts
 
 class EpochKeys(torch.utils.data.Sampler):
@@ -79,18 +71,6 @@ class EpochKeys(torch.utils.data.Sampler):
 
     def __len__(self):
         return len(self.keys)
-
-
-def param_groups(modules, weight_decay: float):
-    """No weight decay on 1-D parameters (norms, biases, CLS). A parameter's `lr_scale` attribute
-    (set by backbones.configure_training, default 1) multiplies its learning rate."""
-    groups = {}
-    for m in modules:
-        for p in m.parameters():
-            if p.requires_grad:
-                groups.setdefault((p.ndim < 2, getattr(p, "lr_scale", 1.0)), []).append(p)
-    return [{"params": groups.get((nd, s), []), "weight_decay": 0.0 if nd else weight_decay, "lr_scale": s}
-            for s in sorted({s for _, s in groups} | {1.0}, reverse=True) for nd in (False, True)]
 
 
 @contextlib.contextmanager
@@ -123,9 +103,7 @@ class Trainer:
         self.aux = aux.to(self.device) if aux is not None else None
         self.feature_cache = self.cache_for(self.model.vision)
         self.net = self.training_step()
-        modules = [self.model] + ([self.aux] if self.aux is not None else [])
-        fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}
-        self.opt = torch.optim.AdamW(param_groups(modules, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), **fused)
+        self.opt = build_optimizer(cfg.optimizer, self.model, self.aux, cfg.lr, cfg.weight_decay, self.device, self.dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         cfg.batch_size = resolve_batch(self)                       # --batch-size auto: probed here
         self.global_batch = cfg.batch_size * self.world          # samples per micro-batch, all ranks
@@ -406,7 +384,7 @@ class Trainer:
         self.saved_at = time.monotonic()
 
     def load_resume(self):
-        obj = load_resume(self.cfg.output, self.cfg.batch_size, self.model, self.aux, self.opt, self.scaler)
+        obj = load_resume(self.cfg.output, asdict(self.cfg), self.model, self.aux, self.opt, self.scaler)
         self.step, self.epoch, self.best, self.skipped = obj["step"], obj["epoch"], obj["best"], obj["skipped"]
         self.seen_in_epoch = obj["seen_in_epoch"]
         self.batch_in_epoch = self.seen_in_epoch // self.global_batch

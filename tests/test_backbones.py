@@ -16,7 +16,7 @@ import backbones
 import tiny_hf
 from checkpoint import load_checkpoint, save_checkpoint
 from errors import UserError
-from trainer import param_groups
+from optim import param_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -273,6 +273,17 @@ def test_learning_rates_per_part(hf):
     with pytest.raises(UserError, match="--train lora"):
         from model import VLM, VLMConfig
         backbones.configure_training(VLM(VLMConfig(**{"lm_dim": 32, "lm_hidden": 64})), "lora", 1e-3)
+
+
+def test_muon_takes_an_hf_llms_hidden_matrices_but_not_its_output_layer(hf):
+    from optim import hidden_matrices
+    model, _ = backbones.build_vlm(hf["clip"], hf["llama"])
+    backbones.configure_training(model, "all", lr=1e-3)
+    names = {n for n, p in model.named_parameters() if id(p) in {id(q) for q in hidden_matrices(model)}}
+    head = model.lm.get_output_embeddings()
+    assert isinstance(head, torch.nn.Linear) and head.weight.requires_grad        # untied, trained, yet AdamW's
+    assert not any("lm_head" in n or "embed" in n for n in names)
+    assert {"q_proj", "down_proj", "fc1"} <= {n.split(".")[-2] for n in names}    # the LLM's and the tower's
 
 
 def test_continuing_a_lora_checkpoint_keeps_its_adapters(hf, tmp_path):

@@ -85,12 +85,13 @@ def own_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_two_processes_train_in_step_then_one_process_resumes(tok, own_tmp):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_processes_train_in_step_then_one_process_resumes(tok, own_tmp, optimizer):
     tmp_path = own_tmp
     (tmp_path / "tok.json").write_text(tok.to_str(), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(__file__)), str(tmp_path)]
+           str(Path(__file__)), str(tmp_path), optimizer]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rec = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
@@ -110,7 +111,7 @@ def test_two_processes_train_in_step_then_one_process_resumes(tok, own_tmp):
     assert len(log) == 1 and log[0]["processes"] == 2
 
     # one process continues from the checkpoint: same weights, same sample of epoch 2, then learns on
-    resumed = build(tok, tmp_path / "run", resume=True)
+    resumed = build(tok, tmp_path / "run", resume=True, optimizer=optimizer)
     before = resumed.evaluate_loss(resumed.val_data)
     resumed.load_resume()
     assert torch.equal(flat_weights(resumed), torch.load(tmp_path / "weights_rank0.pt"))
@@ -144,7 +145,7 @@ class RecordingTrainer(Trainer):
         return ok
 
 
-def worker(tmp: Path):
+def worker(tmp: Path, optimizer: str):
     out = tmp / "run"
     writes = []
 
@@ -156,7 +157,7 @@ def worker(tmp: Path):
     sys.addaudithook(audit)
 
     tok = Tokenizer.from_str((tmp / "tok.json").read_text(encoding="utf-8"))
-    t = build(tok, out, cls=RecordingTrainer)
+    t = build(tok, out, cls=RecordingTrainer, optimizer=optimizer)
     t.record_dir = tmp
     t.record = {"steps": [], "same_as_rank0": []}
     starts = [torch.empty_like(t.initial_weights) for _ in range(t.world)]
@@ -175,4 +176,4 @@ def worker(tmp: Path):
 
 
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]))
+    worker(Path(sys.argv[1]), sys.argv[2])

@@ -4,7 +4,8 @@ import torch
 import scenes
 from collate import Collator
 from model import VLM
-from trainer import TrainConfig, Trainer, lr_at
+from optim import lr_at
+from trainer import TrainConfig, Trainer
 from conftest import tiny_config
 
 
@@ -24,7 +25,7 @@ def test_flags_come_from_train_config_with_each_scripts_own_defaults():
     import train_vision_real
     from train_config import config_from_args
     demo = config_from_args(train_vision.build_parser().parse_args([]))
-    assert demo == TrainConfig(batch_size=48, epochs=7, lr=1e-3)
+    assert demo == TrainConfig(batch_size=48, epochs=7, lr=1e-3, optimizer="muon")
     real = config_from_args(train_vision_real.build_parser().parse_args([]))
     assert real == TrainConfig()
     cfg = config_from_args(train_vision.build_parser().parse_args(
@@ -71,18 +72,28 @@ class CrashingTrainer(Trainer):
         return ok
 
 
-def test_interrupted_then_resumed_run_ends_with_identical_weights(tok, tmp_path):
-    straight = make_trainer(tok, tmp_path / "a")
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_interrupted_then_resumed_run_ends_with_identical_weights(tok, tmp_path, optimizer):
+    straight = make_trainer(tok, tmp_path / "a", optimizer=optimizer)
     straight.fit()
-    crashing = make_trainer(tok, tmp_path / "b", cls=CrashingTrainer)
+    crashing = make_trainer(tok, tmp_path / "b", cls=CrashingTrainer, optimizer=optimizer)
     with pytest.raises(Crash):
         crashing.fit()                               # dies at step 5; last resume save at step 4
-    resumed = make_trainer(tok, tmp_path / "b", resume=True)
+    resumed = make_trainer(tok, tmp_path / "b", resume=True, optimizer=optimizer)
     assert resumed.step == 0
     resumed.fit()
     assert resumed.step == straight.step == 12
     for (k, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_resume_with_another_optimizer_is_refused_in_one_line(tok, tmp_path):
+    from errors import UserError
+    crashing = make_trainer(tok, tmp_path, cls=CrashingTrainer, optimizer="muon")
+    with pytest.raises(Crash):
+        crashing.fit()
+    with pytest.raises(UserError, match="--optimizer muon.*这次是 adamw"):
+        make_trainer(tok, tmp_path, resume=True, optimizer="adamw").fit()
 
 
 def test_resume_without_state_trains_from_the_start_with_a_note(tok, tmp_path, capsys):
