@@ -70,7 +70,8 @@ class Muon(torch.optim.Optimizer):
     scaled by 0.2 * sqrt(max(rows, cols)) to match AdamW's update size, no weight decay), with
     two differences: matrices of one shape (a tall one counts as its transpose) are orthogonalised
     together in one batched iteration, and a non-finite step is skipped on the device like the
-    fused AdamW's (found_inf), so the loop never waits for the host to look at the gradient.
+    fused AdamW's (found_inf; a grad_scale the fp16 GradScaler hands over divides the gradients),
+    so the loop never waits for the host to look at the gradient.
     The iteration runs in `ns_dtype`: bf16 where training computes in bf16, else fp32 (a CPU
     without AMX multiplies bf16 matrices slowly; fp16's range is too narrow for it)."""
     _step_supports_amp_scaling = True
@@ -81,16 +82,16 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        found_inf = getattr(self, "found_inf", None)
+        found_inf, scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
         for group in self.param_groups:
             by_shape = defaultdict(list)
             for p in group["params"]:
                 if p.grad is not None:
                     by_shape[tuple(sorted(p.shape))].append(p)
             for params in by_shape.values():
-                self._step_same_shape(params, group, found_inf)
+                self._step_same_shape(params, group, found_inf, scale)
 
-    def _step_same_shape(self, params, group, found_inf):
+    def _step_same_shape(self, params, group, found_inf, scale):
         def wide(t):
             return t.mT if t.shape[0] > t.shape[1] else t
 
@@ -98,6 +99,8 @@ class Muon(torch.optim.Optimizer):
             if "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p)
         grads = torch.stack([wide(p.grad) for p in params]).float()
+        if scale is not None:
+            grads = grads / scale
         bufs = torch.stack([wide(self.state[p]["momentum_buffer"]) for p in params])
         if found_inf is not None:                                  # a skipped step changes nothing
             ok = found_inf == 0

@@ -81,3 +81,13 @@ def test_packing_bench_checks_equal_losses_and_reports_fewer_positions():
     assert float(rows["packed"][2]) < float(rows["padded"][2])                # fewer token positions a step
     assert all(float(r[3]) > 0 for r in rows.values())
     assert re.search(r"packed 比 padded 快 [0-9.]+ 倍", out.stdout), out.stdout
+
+
+def test_optim_bench_times_each_optimizer_side_by_side():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_optim.py"), "--threads", "1", "--preset", "micro",
+                          "--steps", "2", "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {l.split("|")[1].strip(): float(l.split("|")[2]) for l in out.stdout.splitlines()
+            if l.startswith("| ") and "毫秒" not in l and "---" not in l}
+    assert set(rows) == {"fused AdamW, all", "torch.optim.Muon + AdamW", "optim.Muon + AdamW", "optim.Muon (fp32) + AdamW"}
+    assert all(v > 0 for v in rows.values()) and re.search(r"快 [0-9.]+ 倍", out.stdout), out.stdout

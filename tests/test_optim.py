@@ -1,5 +1,7 @@
 """optim.py: our batched Muon against torch.optim.Muon, its skipped steps, which parameters it
 takes, and a tiny training run with it."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -53,8 +55,15 @@ def test_a_non_finite_step_changes_neither_weights_nor_momentum():
         assert torch.equal(p, w) and torch.equal(opt.state[p]["momentum_buffer"], m)
     opt.found_inf = torch.zeros(())
     set_grads(params, 1)
-    opt.step()
+    same = [p.detach().clone() for p in params]
+    twin = Muon(same, lr=0.02)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for p, q in zip(params, same):
+        q.grad = p.grad * 1024
+    twin.grad_scale, twin.found_inf = torch.full((), 1024.0), torch.zeros(())   # fp16 GradScaler's hand-over
+    opt.step(), twin.step()
     assert all(not torch.equal(p, w) for p, (w, _) in zip(params, before))
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(params, same))
 
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tok):
