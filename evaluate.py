@@ -152,12 +152,13 @@ def print_table(results):
     rows = [("精确匹配（描述完全正确）", "caption_exact"), ("形状数量", "count"), ("位置", "position"),
             ("颜色", "colour"), ("形状", "shape"), ("问答总体", "qa"), ("  问数量", "qa_count"),
             ("  问颜色", "qa_colour"), ("  问形状", "qa_shape"), ("  问位置上的物体", "qa_object"),
-            ("未见组合的物体", "heldout_objects"), ("两图问答（随机 50%）", "pairs")]
+            ("未见组合的物体", "heldout_objects"), ("两图问答：哪张图（随机 50%）", "pairs"),
+            ("两图问答：某张图里几个（随机 33%）", "pairs_count")]
     names = list(results)
-    print(pad("指标", 28) + "".join(pad(n, 12) for n in names))
+    print(pad("指标", 36) + "".join(pad(n, 12) for n in names))
     for label, key in rows:
         cells = [pad(f"{results[n][key] * 100:.1f}%" if key in results[n] else "-", 12) for n in names]
-        print(pad(label, 28) + "".join(cells))
+        print(pad(label, 36) + "".join(cells))
 
 
 @cli
@@ -173,8 +174,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="设备：auto / cpu / cuda（默认 auto）")
     p.add_argument("--json", help="把结果另存为 JSON 文件")
     p.add_argument("--pairs", type=int, default=0,
-                   help="另测这么多道两图问题（“哪张图里有红色的圆形？”，随机猜对 50%%），用于在 scenes.py --format llava "
-                        "导出的数据上训练的模型（默认 0，不测）")
+                   help="另测这么多对图的两图问题（“哪张图里有红色的圆形？”随机猜对 50%%；“第一张图里有几个形状？”"
+                        "每对两张各问一次，随机猜对 33%%），用于在 scenes.py --format llava 导出的数据上训练的模型（默认 0，不测）")
     real = p.add_argument_group("真实图片评估（BLEU-4 / CIDEr-D）")
     real.add_argument("--data-path", help="本地数据文件夹（images/ + captions.json 或 metadata.jsonl）")
     real.add_argument("--dataset-name", help="Hugging Face 数据集名或本地副本路径")

@@ -5,10 +5,12 @@ writes images/ and conversations.json (docs/datasets.md, LLaVA JSON):
   - one sample per scene: the caption question and QUESTIONS questions about it, in random order;
   - every PAIR_EVERY-th scene also starts a two-image sample with the next scene (the template names
     the pictures 图1：, 图2： in front of them, tokenizer.images_first): "哪张图里有红色的圆形？"
-    answered "第一张。" or "第二张。" (the shape is in exactly one of them), then how many shapes
-    each of the two has ("Which picture has the red circle?" / "The first one." for en).
+    answered "第一张。" or "第二张。" (the shape is in exactly one of them), and how many shapes
+    each of the two has, the three questions in random order (a fixed order lets the model answer
+    by turn number without reading the question) ("Which picture has the red circle?" / "The first one." for en).
 A checkpoint trained on it by train_vision_real.py is scored by evaluate.py: the usual QA on
-unseen scenes, and with --pairs the two-image question on fresh scene pairs (chance: 50%).
+unseen scenes, and with --pairs the two-image questions on fresh scene pairs (chance: 50% for
+which picture, 1/3 for a picture's count).
 """
 from __future__ import annotations
 
@@ -68,9 +70,9 @@ def pair_sample(i: int, first, second, files, rng: random.Random, lang: str) -> 
     if asked is None:
         return None
     q, a, _ = asked
-    counts = [count_turn(objs, k, lang) for k, objs in enumerate((first, second))]
-    rng.shuffle(counts)
-    qa = [("<image>\n<image>\n" + q, a), *counts]
+    qa = [(q, a)] + [count_turn(objs, k, lang) for k, objs in enumerate((first, second))]
+    rng.shuffle(qa)                                     # any turn may come first: each must read its question
+    qa[0] = ("<image>\n<image>\n" + qa[0][0], qa[0][1])
     return {"id": f"pair_{i:06d}", "image": [f"images/{f}" for f in files], "conversations": turns(qa)}
 
 
@@ -99,22 +101,30 @@ def export(out: Path, count: int, split: str = "train", seed: int = 0, lang: str
 # ----------------------------------------------------------------------------- scoring
 
 def pair_items(count: int, split: str = "test", seed: int = 0, lang: str = "zh", size: int = 72) -> list[tuple]:
-    """[(two PIL images, question, answer)] on scene pairs never trained on (from `split`)."""
+    """[(two PIL images, question, answer, (first's objects, second's))] on scene pairs never trained on (from `split`)."""
     items, i = [], 0
     while len(items) < count:
         (a, ra), (b, rb) = scenes.make_scene(seed, split, 2 * i), scenes.make_scene(seed, split, 2 * i + 1)
         asked = which_question(a, b, random.Random(f"score/{seed}/{split}/{i}"), lang)
         i += 1
         if asked:
-            items.append(([scenes.render(a, ra, size), scenes.render(b, rb, size)], asked[0], asked[1]))
+            items.append(([scenes.render(a, ra, size), scenes.render(b, rb, size)], asked[0], asked[1], (a, b)))
     return items
 
 
 def score_pairs(model, tok, count: int, split: str = "test", seed: int = 0, lang: str = "zh") -> dict:
-    """{"pairs": accuracy on `count` two-image questions, "pairs_chance": 0.5}."""
+    """On `count` fresh scene pairs: {"pairs": accuracy of "which picture has ...?" (chance 50%),
+    "pairs_count": of "how many shapes are in the first/second picture?", both asked of each pair
+    (chance 1/3: one to three shapes)}, each question the conversation's first turn."""
     from evaluate import generate_texts, normalise
-    items = pair_items(count, split, seed, lang, model.cfg.vit_image_size)
-    samples = [{"images": ims, "messages": [{"role": "user", "content": IMAGE * 2 + q}]} for ims, q, _ in items]
+    asked = []
+    for ims, q, want, objs in pair_items(count, split, seed, lang, model.cfg.vit_image_size):
+        asked.append(("pairs", ims, q, want))
+        asked += [("pairs_count", ims, *count_turn(o, k, lang)) for k, o in enumerate(objs)]
+    samples = [{"images": ims, "messages": [{"role": "user", "content": IMAGE * 2 + q}]} for _, ims, q, _ in asked]
     answers = generate_texts(model, tok, samples, max_new_tokens=12)
-    right = sum(normalise(got) == normalise(want) for got, (_, _, want) in zip(answers, items))
-    return {"pairs": right / count, "pairs_chance": CHANCE}
+    right = {"pairs": 0, "pairs_count": 0}
+    for got, (kind, _, _, want) in zip(answers, asked):
+        right[kind] += normalise(got) == normalise(want)
+    return {"pairs": right["pairs"] / count, "pairs_chance": CHANCE,
+            "pairs_count": right["pairs_count"] / (2 * count), "pairs_count_chance": 1 / 3}

@@ -282,24 +282,29 @@ def test_scene_export_reads_back_with_true_two_image_answers(tmp_path):
     chats = conversations.load_files(str(tmp_path / "s"))
     assert not chats.problems and len(chats.ids) == len(samples) and chats.total == len(samples)
     pairs = [(i, m) for i, m in zip(chats.ids, chats.messages) if i.startswith("pair_")]
-    assert pairs and all(len(m) == 6 for _, m in pairs)           # which picture, then each one's count
+    assert pairs and all(len(m) == 6 for _, m in pairs)           # which picture and each one's count, any order
+    openers = set()
     for sid, messages in pairs:
         k = int(sid.split("_")[1])
         first, second = scenes.make_scene(0, "train", k)[0], scenes.make_scene(0, "train", k + 1)[0]
-        thing = messages[0]["content"].split("哪张图里有")[1].rstrip("？")
+        qa = {messages[j]["content"].removeprefix(IMAGE * 2): messages[j + 1]["content"] for j in (0, 2, 4)}
+        assert messages[0]["content"].startswith(IMAGE * 2) and IMAGE not in "".join(qa)
+        openers.add(messages[0]["content"][len(IMAGE * 2):][:3])
+        (which, answer), = [(q, a) for q, a in qa.items() if q.startswith("哪张图里有")]
+        thing = which.split("哪张图里有")[1].rstrip("？")
         has = [any(scenes.name(o, "zh") == thing for o in objs) for objs in (first, second)]
-        assert has == ([True, False] if messages[1]["content"] == "第一张。" else [False, True])
-        counts = {messages[j]["content"]: messages[j + 1]["content"] for j in (2, 4)}
-        assert counts == {"第一张图里有几个形状？": f"{scenes.COUNT_ZH[len(first)]}个。",
-                          "第二张图里有几个形状？": f"{scenes.COUNT_ZH[len(second)]}个。"}
+        assert has == ([True, False] if answer == "第一张。" else [False, True])
+        assert {q: a for q, a in qa.items() if q != which} == {
+            "第一张图里有几个形状？": f"{scenes.COUNT_ZH[len(first)]}个。", "第二张图里有几个形状？": f"{scenes.COUNT_ZH[len(second)]}个。"}
+    assert len(openers) > 1                                        # not always the same question first
     singles = [m for i, m in zip(chats.ids, chats.messages) if i.startswith("scene_")]
     assert len(singles) == 9 and all(len(m) == 2 * (1 + scene_chats.QUESTIONS) for m in singles)
 
 
 def test_two_image_questions_are_balanced_and_answerable():
     items = scene_chats.pair_items(200, "test", size=16)
-    firsts = sum(a == "第一张。" for _, _, a in items)
-    assert 70 < firsts < 130 and all(len(ims) == 2 for ims, _, _ in items)
+    firsts = sum(a == "第一张。" for _, _, a, _ in items)
+    assert 70 < firsts < 130 and all(len(ims) == 2 for ims, _, _, _ in items)
     same = scenes.make_scene(0, "test", 0)[0]
     assert scene_chats.which_question(same, same, random.Random(0), "en") is None   # nothing tells them apart
 
@@ -319,4 +324,6 @@ def test_scene_chats_train_and_score_end_to_end(tmp_path, capsys):
     result = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     for split in ("已见组合", "未见组合"):
         assert result[split]["pairs_chance"] == 0.5 and result[split]["pairs"] in (0, 0.25, 0.5, 0.75, 1)
-    assert "两图问答（随机 50%）" in capsys.readouterr().out
+        assert result[split]["pairs_count_chance"] == pytest.approx(1 / 3) and result[split]["pairs_count"] * 8 % 1 == 0
+    shown = capsys.readouterr().out
+    assert "两图问答：哪张图（随机 50%）" in shown and "两图问答：某张图里几个（随机 33%）" in shown
