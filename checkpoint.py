@@ -407,8 +407,9 @@ def load_resume(output: str | Path, train_config: dict, model: VLM, aux, optimiz
 
 
 def resume_bytes(model: VLM, aux, optimizer, delta: bool) -> int:
-    """A lower bound on the size of one resume-state file: the stored weights plus two moments per
-    trained parameter (AdamW's; Muon keeps one of them) (frozen backbone weights of a "delta" checkpoint are not stored)."""
+    """A bound on the size of one resume-state file: the stored weights plus two moments per trained
+    parameter (AdamW's; Muon keeps one, so with it this overestimates). Frozen backbone weights of a
+    "delta" checkpoint are not stored."""
     trained = [p for g in optimizer.param_groups for p in g["params"]]
     moments = 2 * sum(p.numel() * p.element_size() for p in trained)
     if delta:

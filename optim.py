@@ -129,10 +129,6 @@ class Optimizers:
     def param_groups(self) -> list[dict]:
         return [g for o in self.parts for g in o.param_groups]
 
-    @property
-    def state(self) -> dict:
-        return {p: s for o in self.parts for p, s in o.state.items()}
-
     def step(self):
         for o in self.parts:
             for name in ("grad_scale", "found_inf"):             # handed on from NonFinite / GradScaler
