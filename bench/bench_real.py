@@ -172,7 +172,7 @@ def peaks(device: str) -> dict:
     spec = next((v for k, v in SPEC_BF16_TFLOPS.items() if k in name), None)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return {"device": name, "spec_tflops": spec, "matmul_tflops": round(measured, 1)}
+    return {"device": name, "spec_tflops": spec, "matmul_tflops": float(f"{measured:.3g}")}   # a CPU: ~0.01
 
 
 def run_plan(plan, work: Path, device: str, warm: int, steps: int, budget: float) -> tuple[list, list]:
