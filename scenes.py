@@ -282,6 +282,15 @@ class CellProbe(torch.nn.Module):
 PERMS = [(1, 0, 2), (2, 1, 0), (0, 2, 1), (1, 2, 0), (2, 0, 1)]     # every order of R, G, B but the identity
 
 
+def words(lang: str = "zh"):
+    """The Chinese words of the world that may each be one token: colour, shape and position names
+    and the captions' fixed phrases. A colour and a shape stay two tokens, so an unseen pair is
+    two known tokens side by side."""
+    if lang != "zh":
+        return []
+    return [*COLOURS_ZH.values(), *SHAPES_ZH.values(), *POSITIONS_ZH, "是一个", "图中", "没有", "形状", "什么", "颜色", "描述"]
+
+
 def all_texts(lang: str = "zh"):
     """Every sentence the world can produce, for training the demo tokenizer."""
     rng = random.Random(0)

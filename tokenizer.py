@@ -1,11 +1,14 @@
 """Byte-level BPE tokenizer and the one chat template used by training and generation.
 
 Any text encodes (bytes are the base alphabet), so Chinese, English and emoji prompts all work.
-Merges never glue a CJK character (or full-width punctuation) to anything else: "红色的三角形"
-stays six tokens, which lets the model put a colour and a shape together that it never saw side
-by side. Training splits CJK characters off one by one; the trained tokenizer then splits text
-with GPT-2's pre-tokenizer alone (what llama.cpp's "gpt-2" pre-tokenizer does, so a GGUF export
-tokenizes exactly as we do) and keeps no merge that would join a CJK character to a neighbour.
+Merges never glue a CJK character (or full-width punctuation) to a neighbour, except into a word
+the caller declares: without words "红色的三角形" is six tokens; the demo declares its colour, shape
+and position names and fixed phrases, and it is the three tokens 红色 / 的 / 三角形. Either way a
+colour and a shape never share a token, so the model can put together a pair it never saw side by
+side. Training splits CJK characters off one by one; the trained tokenizer then splits text with
+GPT-2's pre-tokenizer alone (what llama.cpp's "gpt-2" pre-tokenizer does, so a GGUF export
+tokenizes exactly as we do), keeps no trained merge that joins a CJK character to a neighbour, and
+gets one merge of whole characters per step of each declared word, ranked after all the others.
 
 Template (one or more turns):
     <s><|user|>{<image> x N}{question}<|assistant|>{answer}</s><|user|>...
@@ -38,7 +41,9 @@ class Tokenizer:
         self.image_id, self.pad_id, self.bos_id, self.eos_id, self.user_id, self.assistant_id = ids
 
     @classmethod
-    def train(cls, texts, vocab_size: int = 1024) -> "Tokenizer":
+    def train(cls, texts, vocab_size: int = 1024, words=()) -> "Tokenizer":
+        """words: CJK words that may each become one token (a language's fixed vocabulary, such as
+        the demo's colour, shape and position names); every other CJK character stays a token."""
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(CJK), behavior="isolated"),
@@ -52,6 +57,7 @@ class Tokenizer:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         spec = json.loads(tok.to_str())
         spec["model"]["merges"] = [m for m in spec["model"]["merges"] if not joins_cjk(*map(token_bytes, m))]
+        add_words(spec["model"], words)
         return cls(HFTokenizer.from_str(json.dumps(spec, ensure_ascii=False)))
 
     @classmethod
@@ -139,6 +145,23 @@ def maybe_cjk(char: bytes) -> bool:
         c = char[i] & 0x3F if i < len(char) else None
         lo, hi = lo << 6 | (c or 0), hi << 6 | (0x3F if c is None else c)
     return any(a <= hi and lo <= b for a, b in CJK_RANGES)
+
+
+def add_words(bpe: dict, words):
+    """Give each word one token: merges of its whole characters, left to right, after every other
+    merge (a word with a character the vocabulary lacks as one token is left out)."""
+    vocab, merges = bpe["vocab"], bpe["merges"]
+    gpt2 = {b: c for c, b in _BYTE_OF.items()}
+    for w in words:
+        chars = ["".join(gpt2[b] for b in ch.encode()) for ch in w]
+        if len(chars) < 2 or not all(c in vocab for c in chars):
+            continue
+        piece = chars[0]
+        for c in chars[1:]:
+            if piece + c not in vocab:
+                merges.append([piece, c])
+                vocab[piece + c] = len(vocab)
+            piece += c
 
 
 def joins_cjk(left: bytes, right: bytes) -> bool:

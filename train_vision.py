@@ -52,7 +52,7 @@ def main(argv=None):
         model, tok, meta = load_checkpoint(a.checkpoint)
         mcfg = model.cfg
     else:
-        tok = Tokenizer.train(scenes.all_texts(a.lang), vocab_size=1024)
+        tok = Tokenizer.train(scenes.all_texts(a.lang), vocab_size=1024, words=scenes.words(a.lang))
         mcfg = VLMConfig(**PRESETS[a.preset])
         mcfg.lm_vocab_size = -(-tok.vocab_size // 64) * 64
         mcfg.image_token_id, mcfg.pad_token_id = tok.image_id, tok.pad_id

@@ -44,7 +44,7 @@ from tokenizer import Tokenizer  # noqa: E402
 
 def fresh_checkpoint(path: Path, preset: str = "tiny") -> Path:
     """A model of train_vision.py's --preset with untrained weights."""
-    tok = Tokenizer.train(scenes.all_texts("zh"), vocab_size=1024)
+    tok = Tokenizer.train(scenes.all_texts("zh"), vocab_size=1024, words=scenes.words("zh"))
     cfg = VLMConfig(**PRESETS[preset])
     cfg.lm_vocab_size = -(-tok.vocab_size // 64) * 64
     cfg.image_token_id, cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = tok.image_id, tok.pad_id, tok.bos_id, tok.eos_id

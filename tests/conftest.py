@@ -9,7 +9,8 @@ from tokenizer import Tokenizer
 
 @pytest.fixture(scope="session")
 def tok():
-    return Tokenizer.train(scenes.all_texts("zh")[:3000] + scenes.all_texts("en")[:3000], vocab_size=600)
+    return Tokenizer.train(scenes.all_texts("zh")[:3000] + scenes.all_texts("en")[:3000], vocab_size=600,
+                           words=scenes.words("zh"))
 
 
 def tiny_config(tok, **kw):

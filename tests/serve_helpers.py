@@ -98,6 +98,8 @@ def tiny_checkpoint(tok, path: Path) -> Path:
         model.lm.embed.weight.mul_(10)              # peaked, input-dependent samples: readable varied text
         model.lm.embed.weight[tok.eos_id] = 0       # logit 0, far below the best: never chosen
         model.lm.embed.weight[tok.user_id] = 0      # the other stop token, likewise
+        for special in (tok.assistant_id, tok.bos_id, tok.pad_id, tok.image_id):
+            model.lm.embed.weight[special] = 0      # tokens that decode to no text: every step streams some
     save_checkpoint(path, model, tok, {"lang": "zh"})
     return path
 

@@ -83,6 +83,20 @@ def test_packing_bench_checks_equal_losses_and_reports_fewer_positions():
     assert re.search(r"packed 比 padded 快 [0-9.]+ 倍", out.stdout), out.stdout
 
 
+def test_words_bench_checks_same_conversations_and_reports_fewer_tokens():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_words.py"), "--threads", "1", "--preset", "micro",
+                          "--batch", "16", "--steps", "2", "--rounds", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "两边的批次解码后相同" in out.stdout
+    rows = {l.split("|")[1].strip(): [float(x) for x in l.split("|")[2:6]] for l in out.stdout.splitlines()
+            if l.startswith(("| chars", "| words"))}
+    assert set(rows) == {"chars", "words"}
+    assert rows["words"][1] < 0.85 * rows["chars"][1] and rows["words"][2] < 0.7 * rows["chars"][2]   # positions, targets
+    assert all(r[3] > 0 for r in rows.values())
+    assert re.search(r"words 比 chars 快 [0-9.]+ 倍", out.stdout), out.stdout
+
+
 def test_optim_bench_times_each_optimizer_side_by_side():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_optim.py"), "--threads", "1", "--preset", "micro",
                           "--steps", "2", "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)

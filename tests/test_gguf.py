@@ -32,7 +32,7 @@ def trained(tok, tmp_path_factory):
     """A tiny built-in model with weights far from init: its greedy answers vary (a random model's
     repeat one token). Weights much further off make near-ties that f16 rounding decides."""
     path = tmp_path_factory.mktemp("gguf") / "m.pt"
-    torch.manual_seed(1)
+    torch.manual_seed(2)
     model = VLM(tiny_config(tok))
     with torch.no_grad():
         for p in model.parameters():

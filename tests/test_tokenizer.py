@@ -1,5 +1,7 @@
 import pytest
 
+import scenes
+
 from tokenizer import IMAGE, Tokenizer
 
 
@@ -9,9 +11,23 @@ def test_round_trips_any_text(tok, text):
     assert tok.decode(tok.encode(text)) == text
 
 
-def test_cjk_characters_are_never_merged(tok):
-    ids = tok.encode("红色的三角形")
-    assert len(ids) == 6
+def test_only_declared_words_merge_and_a_colour_stays_apart_from_a_shape(tok):
+    """The fixture's tokenizer was trained with the demo's words: each is one token, a colour and
+    a shape are always two tokens (an unseen pair is two known tokens), other CJK characters stay
+    one token each, and every demo sentence splits exactly at its words."""
+    import re
+    pieces = lambda t: [tok.decode([i]) for i in tok.encode(t)]
+    assert pieces("左上方是一个红色的三角形") == ["左上方", "是一个", "红色", "的", "三角形"]
+    assert pieces("有的是红") == ["有", "的", "是", "红"]     # characters outside the words stay alone
+    for c in scenes.COLOURS_ZH.values():
+        for s in scenes.SHAPES_ZH.values():
+            assert tok.encode(f"{c}的{s}") == tok.encode(c) + tok.encode("的") + tok.encode(s)
+    words = sorted(scenes.words("zh"), key=len, reverse=True)
+    split = re.compile("|".join(words) + "|.")
+    for text in scenes.all_texts("zh")[:3000]:
+        assert pieces(text) == split.findall(text), text
+    plain = Tokenizer.train(["红色的三角形。"] * 10, vocab_size=300)
+    assert len(plain.encode("红色的三角形")) == 6            # no words declared: every character alone
 
 
 def test_special_tokens_in_user_text_are_plain_text(tok):
@@ -78,12 +94,15 @@ def test_several_images_are_named_in_front_and_named_turns_keep_their_order(tok)
 
 def test_splits_like_gpt2_and_no_merge_joins_a_cjk_character(tok):
     """The trained tokenizer splits text with GPT-2's pre-tokenizer alone (llama.cpp's "gpt-2",
-    so a GGUF export tokenizes as we do); CJK characters stay whole and alone through the merges."""
+    so a GGUF export tokenizes as we do); CJK characters stay whole, and merge only inside a
+    declared word."""
     import json
     from tokenizer import joins_cjk, token_bytes
     spec = json.loads(tok.to_str())
     assert spec["pre_tokenizer"] == {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    assert not [m for m in spec["model"]["merges"] if joins_cjk(*map(token_bytes, m))]
-    assert [tok.tok.id_to_token(i) for i in tok.encode(" 红色")] == ["Ġ", "çº¢", "èī²"]
+    joined = [[token_bytes(t).decode() for t in m] for m in spec["model"]["merges"] if joins_cjk(*map(token_bytes, m))]
+    assert joined and all(any(w.startswith(a + b) for w in scenes.words("zh")) for a, b in joined)     # whole characters
+    assert len(set(spec["model"]["vocab"].values())) == len(spec["model"]["vocab"]) == tok.vocab_size
+    assert [tok.decode([i]) for i in tok.encode(" 红色的")] == [" ", "红色", "的"]
     assert joins_cjk("红".encode(), "色".encode()) and joins_cjk(b" ", "红".encode()[:1])
     assert not joins_cjk(b"a", b"b") and not joins_cjk("红".encode()[:1], "红".encode()[1:])
