@@ -52,6 +52,18 @@ def run(t: Trainer, batches) -> float:
     return time.perf_counter() - start
 
 
+def alternate(sides: dict, batches: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds per step of each side over its batches: one warm-up step each, then `rounds` rounds
+    that take the sides in turn, so machine load hits them alike."""
+    for name, t in sides.items():
+        run(t, batches[name][:1])
+    times = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, t in sides.items():
+            times[name].append(run(t, batches[name]) / len(batches[name]))
+    return times
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="打包训练行 vs 每行一个样本：演示的同一批数据上每步用时")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="模型大小 (默认: tiny，即演示)")
@@ -75,12 +87,7 @@ def main(argv=None):
                 losses[name] = float(t.loss(batches[name][0])[0])
         if abs(losses["packed"] - losses["padded"]) > 1e-3 * abs(losses["padded"]):
             sys.exit(f"packed and padded losses differ on the first batch: {losses}")
-        for name, t in sides.items():
-            run(t, batches[name][:1])                                 # warm-up
-        times = {name: [] for name in sides}
-        for _ in range(a.rounds):
-            for name, t in sides.items():
-                times[name].append(run(t, batches[name]) / len(batches[name]))
+        times = alternate(sides, batches, a.rounds)
     dtype = sides["packed"].dtype
     print(f"{a.preset}，每步 {a.batch} 个样本，{torch.get_num_threads()} 个线程，"
           f"{'fp32' if dtype is None else str(dtype).removeprefix('torch.')}；首批损失两边相同（{losses['packed']:.5f}）")

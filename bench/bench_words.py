@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import scenes  # noqa: E402
-from bench_packing import run, trainer_for  # noqa: E402
+from bench_packing import alternate, trainer_for  # noqa: E402
 from model import PRESETS  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -62,12 +62,7 @@ def main(argv=None):
             batches[name] = [t.to_device(b) for b in t.loader(t.train_data, 0)]
         if conversations(toks["chars"], batches["chars"]) != conversations(toks["words"], batches["words"]):
             sys.exit("the two tokenizers' batches do not decode to the same conversations")
-        for name, t in sides.items():
-            run(t, batches[name][:1])                                 # warm-up
-        times = {name: [] for name in sides}
-        for _ in range(a.rounds):
-            for name, t in sides.items():
-                times[name].append(run(t, batches[name]) / len(batches[name]))
+        times = alternate(sides, batches, a.rounds)
     dtype = sides["words"].dtype
     print(f"{a.preset}，每步 {a.batch} 个样本，{a.optimizer}，{torch.get_num_threads()} 个线程，"
           f"{'fp32' if dtype is None else str(dtype).removeprefix('torch.')}；两边的批次解码后相同")
