@@ -1,13 +1,18 @@
 """The synthetic scenes as LLaVA conversation data, and two-image questions to score a checkpoint on.
 
     python scenes.py --format llava --out data/scene_chats --count 4210
-writes images/ and conversations.json (docs/datasets.md, LLaVA JSON):
+writes images/, conversations.json and text/conversations.json (docs/datasets.md, LLaVA JSON):
   - one sample per scene: the caption question and QUESTIONS questions about it, in random order;
   - every PAIR_EVERY-th scene also starts a two-image sample with the next scene (the template names
     the pictures 图1：, 图2： in front of them, tokenizer.images_first): "哪张图里有红色的圆形？"
-    answered "第一张。" or "第二张。" (the shape is in exactly one of them), and how many shapes
-    each of the two has, the three questions in random order (a fixed order lets the model answer
-    by turn number without reading the question) ("Which picture has the red circle?" / "The first one." for en).
+    answered by describing picture 1, saying whether it has the thing, describing picture 2, then
+    "所以是第二张。" (the thing is in exactly one of them); and how many shapes each of the two
+    has; the three questions in random order (a fixed order lets the model answer by turn number
+    without reading the question);
+  - in text/, TEXT_PER_SCENE text-only samples per scene, each on two fresh scenes never rendered:
+    the same question with picture 1's description given, answered "图1里有/没有红色的圆形。",
+    then more such questions. Mixed in with a weight (--data-path data/scene_chats/text:0.058),
+    each epoch draws other ones: a fixed set is learnt by heart instead (docs/datasets.md).
 A checkpoint trained on it by train_vision_real.py is scored by evaluate.py: the usual QA on
 unseen scenes, and with --pairs the two-image questions on fresh scene pairs (chance: 50% for
 which picture, 1/3 for a picture's count).
@@ -22,25 +27,78 @@ import scenes
 from errors import UserError
 from tokenizer import IMAGE
 
-QUESTIONS = 4                  # questions per scene besides the caption
+QUESTIONS = 6                  # questions per scene besides the caption
 PAIR_EVERY = 2                 # a two-image sample for every 2nd scene
+TEXT_PER_SCENE = 10            # text-only which-picture samples (two fresh, unrendered scenes each) per scene
+TEXT_QUESTIONS = 3             # which-picture questions per text-only sample
 CHANCE = 0.5                   # two pictures: guessing is right half the time
 ORDINAL = {"zh": ("第一张", "第二张"), "en": ("first", "second")}
 
 
+def exclusive(a, b, rng: random.Random) -> list[tuple[str, str, int]]:
+    """Every (colour, shape, picture) found in exactly one of two scenes, in random order."""
+    have = [{(o.colour, o.shape) for o in objs} for objs in (a, b)]
+    found = [(c, s, k) for k in (0, 1) for c, s in sorted(have[k] - have[1 - k])]
+    rng.shuffle(found)
+    return found
+
+
+def ask_which(colour: str, shape: str, lang: str) -> str:
+    thing = scenes.name(scenes.Obj(shape, colour, 0), lang)
+    return f"哪张图里有{thing}？" if lang == "zh" else f"Which picture has the {thing}?"
+
+
 def which_question(a, b, rng: random.Random, lang: str):
     """(question, answer, 0 or 1) about a (colour, shape) found in exactly one of two scenes,
-    each picture equally likely to be the answer; None when both hold the same pairs."""
-    have = [{(o.colour, o.shape) for o in objs} for objs in (a, b)]
-    sides = [k for k in (0, 1) if have[k] - have[1 - k]]
+    each picture equally likely to be the answer; None when both hold the same pairs.
+    The answer describes and checks picture 1, describes picture 2, then names the one (reasoning())."""
+    found = exclusive(a, b, rng)
+    sides = sorted({k for *_, k in found})
     if not sides:
         return None
     k = rng.choice(sides)
-    colour, shape = rng.choice(sorted(have[k] - have[1 - k]))
+    colour, shape, _ = next(f for f in found if f[2] == k)
     thing = scenes.name(scenes.Obj(shape, colour, 0), lang)
+    return ask_which(colour, shape, lang), reasoning(a, b, thing, k, lang) + verdict(k, lang), k
+
+
+def reasoning(a, b, thing: str, k: int, lang: str) -> str:
+    """Picture 1 described and checked for the thing, then picture 2 described. Answering "which
+    picture has X" straight from the image tokens stayed at chance in every try (docs/datasets.md);
+    this way the one search is in the text just written, with nothing else to tell it from."""
     if lang == "zh":
-        return f"哪张图里有{thing}？", f"{ORDINAL['zh'][k]}。", k
-    return f"Which picture has the {thing}?", f"The {ORDINAL['en'][k]} one.", k
+        return f"图1：{scenes.caption(a, lang)}{check(thing, k, lang)}图2：{scenes.caption(b, lang)}"
+    return f"Picture 1: {scenes.caption(a, lang)} {check(thing, k, lang)} Picture 2: {scenes.caption(b, lang)} "
+
+
+def check(thing: str, k: int, lang: str) -> str:
+    """Whether picture 1 has the thing (k == 0: it does)."""
+    if lang == "zh":
+        return f"图1里{'有' if k == 0 else '没有'}{thing}。"
+    return f"Picture 1 {'has' if k == 0 else 'does not have'} the {thing}."
+
+
+def verdict(k: int, lang: str) -> str:
+    return f"所以是{ORDINAL['zh'][k]}。" if lang == "zh" else f"So it is the {ORDINAL['en'][k]} one."
+
+
+def chosen(answer: str, lang: str) -> int | None:
+    """Which picture an answer names last (its verdict), 0 or 1; None when it names neither."""
+    at = [answer.rfind(word) for word in ORDINAL[lang]]
+    return None if max(at) < 0 else at.index(max(at))
+
+
+def text_sample(i: int, a, b, rng: random.Random, lang: str) -> dict | None:
+    """A text-only sample: the first question with picture 1's description given, answered with
+    check(); then more such questions in turn (the things come from a pair, so about half are
+    in picture 2 instead, often sharing a colour or a shape with one in picture 1)."""
+    found = exclusive(a, b, rng)[:TEXT_QUESTIONS]
+    if not found:
+        return None
+    qa = [(ask_which(c, s, lang), check(scenes.name(scenes.Obj(s, c, 0), lang), k, lang)) for c, s, k in found]
+    opening = f"图1：{scenes.caption(a, lang)}" if lang == "zh" else f" Picture 1: {scenes.caption(a, lang)}"
+    qa[0] = (qa[0][0] + opening, qa[0][1])
+    return {"id": f"text_{i:06d}", "conversations": turns(qa)}
 
 
 def count_turn(objs, k: int, lang: str):
@@ -77,11 +135,13 @@ def pair_sample(i: int, first, second, files, rng: random.Random, lang: str) -> 
 
 
 def export(out: Path, count: int, split: str = "train", seed: int = 0, lang: str = "zh", size: int = 72):
-    """Write images/ and conversations.json: `count` scene samples and about count/PAIR_EVERY pairs."""
+    """Write images/ and conversations.json (`count` scene samples and about count/PAIR_EVERY pairs),
+    and text/conversations.json (the text-only samples). Returns both lists."""
     if (out / "captions.json").exists():
         raise UserError(f"{out} 里已有 captions.json（描述格式），对话数据要放在另一个文件夹，请换一个 --out。")
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / scenes.MARKER).write_text("scenes.py --format llava\n", encoding="utf-8")
+    scenes.write_words(out, lang)
     objs_of, files, samples = [], [], []
     for i in range(count):
         objs, rng = scenes.make_scene(seed, split, i)
@@ -95,7 +155,15 @@ def export(out: Path, count: int, split: str = "train", seed: int = 0, lang: str
         if pair:
             samples.append(pair)
     (out / "conversations.json").write_text(json.dumps(samples, ensure_ascii=False, indent=1), encoding="utf-8")
-    return samples
+    texts = []
+    for j in range(count * TEXT_PER_SCENE):             # two scenes each from count on: never rendered
+        a, b = (scenes.make_scene(seed, split, count + 2 * j + k)[0] for k in (0, 1))
+        text = text_sample(j, a, b, random.Random(f"text/{seed}/{split}/{j}"), lang)
+        if text:
+            texts.append(text)
+    (out / "text").mkdir(exist_ok=True)
+    (out / "text" / "conversations.json").write_text(json.dumps(texts, ensure_ascii=False, indent=0), encoding="utf-8")
+    return samples, texts
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -122,9 +190,12 @@ def score_pairs(model, tok, count: int, split: str = "test", seed: int = 0, lang
         asked.append(("pairs", ims, q, want))
         asked += [("pairs_count", ims, *count_turn(o, k, lang)) for k, o in enumerate(objs)]
     samples = [{"images": ims, "messages": [{"role": "user", "content": IMAGE * 2 + q}]} for _, ims, q, _ in asked]
-    answers = generate_texts(model, tok, samples, max_new_tokens=12)
+    answers = generate_texts(model, tok, samples, max_new_tokens=128)
     right = {"pairs": 0, "pairs_count": 0}
     for got, (kind, _, _, want) in zip(answers, asked):
-        right[kind] += normalise(got) == normalise(want)
+        if kind == "pairs":                             # the verdict counts, not the descriptions before it
+            right[kind] += chosen(got, lang) == chosen(want, lang)
+        else:
+            right[kind] += normalise(got) == normalise(want)
     return {"pairs": right["pairs"] / count, "pairs_chance": CHANCE,
             "pairs_count": right["pairs_count"] / (2 * count), "pairs_count_chance": 1 / 3}

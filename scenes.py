@@ -308,6 +308,13 @@ def all_texts(lang: str = "zh"):
 MARKER = ".scenes"          # written beside captions.json: this folder's data came from export()
 
 
+def write_words(out: Path, lang: str):
+    """words() as the folder's words file: train_vision_real.py's tokenizer then spells a colour or
+    a shape as one token, as the demo's does."""
+    from tokenizer import WORDS_FILE
+    (out / WORDS_FILE).write_text("".join(w + "\n" for w in words(lang)), encoding="utf-8")
+
+
 def check_out(out: Path, overwrite: bool):
     """Never replace a user's own captions.json: only one that export() wrote, or with --overwrite."""
     if (out / "captions.json").exists() and not (out / MARKER).exists() and not overwrite:
@@ -319,6 +326,7 @@ def export(out: Path, count: int, split: str = "train", seed: int = 0, lang: str
     """Write images/, captions.json ({file: caption}) and metadata.jsonl (objects + Q&A)."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("scenes.py\n", encoding="utf-8")
+    write_words(out, lang)
     captions, meta = {}, []
     for i in range(count):
         objs, rng = make_scene(seed, split, i)
@@ -355,8 +363,9 @@ def main(argv=None):
         p.exit(2, "错误：--count 必须为正数，--size 至少为 16。\n")
     if a.format == "llava":
         import scene_chats
-        samples = scene_chats.export(Path(a.out), a.count, a.split, a.seed, a.lang, a.size)
-        print(f"已写入 {a.count} 个场景、{len(samples)} 条对话样本到 {a.out}（images/、conversations.json）")
+        samples, texts = scene_chats.export(Path(a.out), a.count, a.split, a.seed, a.lang, a.size)
+        print(f"已写入 {a.count} 个场景、{len(samples)} 条对话样本到 {a.out}（images/、conversations.json），"
+              f"另有 {len(texts)} 条纯文字样本在 {a.out}/text/")
         return
     check_out(Path(a.out), a.overwrite)
     export(Path(a.out), a.count, a.split, a.seed, a.lang, a.size)

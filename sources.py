@@ -25,6 +25,7 @@ from captions import CaptionSet, Mixture, Rows, check_images
 from distributed import dist_env, say
 from errors import UserError
 from images import MAX_PIXELS
+from tokenizer import WORDS_FILE
 
 DEFAULT_LOCAL = "data/vision_train"
 MAX_VAL_IMAGES = 1000                   # validation loss is measured on at most this many images
@@ -294,6 +295,12 @@ class Sources:
 
     def texts(self) -> list[str]:
         return [t for s in self.sources for t in s.texts()]
+
+    def words(self) -> list[str]:
+        """The words local folders list in tokenizer.WORDS_FILE: a tokenizer trained from scratch on
+        this data makes each of them one token."""
+        files = [Path(s.name) / WORDS_FILE for s in self.sources if Path(s.name).is_dir()]
+        return [w.strip() for f in files if f.is_file() for w in f.read_text(encoding="utf-8").splitlines() if w.strip()]
 
     def training_data(self, size: int, limit: Limit | None = None) -> TrainingData:
         """The sources' parts, mixed; with a `limit`, parts that can (fit) leave out the samples

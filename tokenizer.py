@@ -24,6 +24,7 @@ from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_to
 
 IMAGE, PAD, BOS, EOS, USER, ASSISTANT = "<image>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"
 SPECIALS = [IMAGE, PAD, BOS, EOS, USER, ASSISTANT]          # ids 0..5 in this order
+WORDS_FILE = "words.txt"    # in a local data folder: words Tokenizer.train makes one token each, one per line
 CJK_RANGES = ((0x2E80, 0x2FFF), (0x3000, 0x303F), (0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF),
               (0xF900, 0xFAFF), (0xFF00, 0xFFEF))
 CJK = "[" + "".join(f"\\u{a:04x}-\\u{b:04x}" for a, b in CJK_RANGES) + "]"

@@ -70,13 +70,14 @@ def build_parser():
     return p
 
 
-def build_model(a, texts):
+def build_model(a, texts, words=()):
     """(model, tokenizer, meta). --checkpoint continues our own .pt with its tokenizer;
-    otherwise a BPE tokenizer is trained on the captions and prompts and a preset is built."""
+    otherwise a BPE tokenizer is trained on the captions and prompts (each of `words` one token)
+    and a preset is built."""
     if a.checkpoint:
         model, tok, meta = load_checkpoint(a.checkpoint)
         return model.train(), tok, {"base": a.checkpoint, "preset": meta.get("preset")}
-    tok = Tokenizer.train(list(texts) + captions.PROMPTS * 10, vocab_size=a.vocab_size)
+    tok = Tokenizer.train(list(texts) + captions.PROMPTS * 10, vocab_size=a.vocab_size, words=words)
     cfg = VLMConfig(**PRESETS[a.preset])
     cfg.lm_vocab_size = -(-tok.vocab_size // 64) * 64
     cfg.image_token_id, cfg.pad_token_id = tok.image_id, tok.pad_id
@@ -123,7 +124,7 @@ def main(argv=None):
     if not texts:
         raise UserError("训练数据里没有任何描述文字。")
     torch.manual_seed(a.seed)                     # the same --seed builds the same initial weights
-    model, tok, meta = backbones.build(a, lambda: build_model(a, texts))   # --vision-encoder, HF LLMs, --train
+    model, tok, meta = backbones.build(a, lambda: build_model(a, texts, data.words()))   # --vision-encoder, HF LLMs, --train
     size = model.cfg.vit_image_size
     say(f"模型参数: 视觉编码器 {count_params(model.vision) / 1e6:.2f}M, 投影层 {count_params(model.projector) / 1e6:.2f}M, "
           f"语言模型 {count_params(model.lm) / 1e6:.2f}M；图片 {size}×{size}，每张 {model.cfg.image_tokens} 个图像 token")

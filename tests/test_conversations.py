@@ -16,6 +16,7 @@ import scene_chats
 import scenes
 import sources
 from captions import Mixture
+from checkpoint import load_checkpoint
 from test_captions import encode, photo
 from test_train_real import guide_folder, main
 from tiny_hf import CHATML_TEMPLATE, _bpe
@@ -278,7 +279,7 @@ def test_check_data_counts_samples_the_context_cannot_hold(tmp_path, capsys):
 # ----------------------------------------------------------------------------- the scenes as conversations
 
 def test_scene_export_reads_back_with_true_two_image_answers(tmp_path):
-    samples = scene_chats.export(tmp_path / "s", 9, lang="zh", size=32)
+    samples, texts = scene_chats.export(tmp_path / "s", 9, lang="zh", size=32)
     chats = conversations.load_files(str(tmp_path / "s"))
     assert not chats.problems and len(chats.ids) == len(samples) and chats.total == len(samples)
     pairs = [(i, m) for i, m in zip(chats.ids, chats.messages) if i.startswith("pair_")]
@@ -293,32 +294,57 @@ def test_scene_export_reads_back_with_true_two_image_answers(tmp_path):
         (which, answer), = [(q, a) for q, a in qa.items() if q.startswith("哪张图里有")]
         thing = which.split("哪张图里有")[1].rstrip("？")
         has = [any(scenes.name(o, "zh") == thing for o in objs) for objs in (first, second)]
-        assert has == ([True, False] if answer == "第一张。" else [False, True])
+        k = has.index(True)
+        assert has == [k == 0, k == 1] and answer == (       # picture 1 described and checked, picture 2, the verdict
+            f"图1：{scenes.caption(first)}图1里{('有', '没有')[k]}{thing}。图2：{scenes.caption(second)}所以是{('第一张', '第二张')[k]}。")
         assert {q: a for q, a in qa.items() if q != which} == {
             "第一张图里有几个形状？": f"{scenes.COUNT_ZH[len(first)]}个。", "第二张图里有几个形状？": f"{scenes.COUNT_ZH[len(second)]}个。"}
     assert len(openers) > 1                                        # not always the same question first
     singles = [m for i, m in zip(chats.ids, chats.messages) if i.startswith("scene_")]
     assert len(singles) == 9 and all(len(m) == 2 * (1 + scene_chats.QUESTIONS) for m in singles)
+    text = conversations.load_files(str(tmp_path / "s" / "text"))             # a folder of its own: mixed in by weight
+    assert not text.problems and len(text.ids) == len(texts) > 9 * scene_chats.TEXT_PER_SCENE * 0.8
+    for sid, messages in zip(text.ids, text.messages):  # two fresh scenes each, after the 9 rendered ones
+        k = int(sid.split("_")[1])
+        first, second = scenes.make_scene(0, "train", 9 + 2 * k)[0], scenes.make_scene(0, "train", 10 + 2 * k)[0]
+        assert IMAGE not in "".join(m["content"] for m in messages) and 2 <= len(messages) <= 2 * scene_chats.TEXT_QUESTIONS
+        assert messages[0]["content"].endswith(f"？图1：{scenes.caption(first)}")       # picture 1 alone is shown
+        for user, reply in zip(messages[::2], messages[1::2]):
+            thing = user["content"].split("？")[0].removeprefix("哪张图里有")
+            has = [any(scenes.name(o, "zh") == thing for o in objs) for objs in (first, second)]
+            assert has.count(True) == 1 and reply["content"] == f"图1里{('有', '没有')[has.index(True)]}{thing}。"
+    replies = [m["content"] for ms in text.messages for m in ms[1::2]]
+    assert 0.3 < sum("没有" in r for r in replies) / len(replies) < 0.7
 
 
 def test_two_image_questions_are_balanced_and_answerable():
     items = scene_chats.pair_items(200, "test", size=16)
-    firsts = sum(a == "第一张。" for _, _, a, _ in items)
+    firsts = sum(scene_chats.chosen(a, "zh") == 0 for _, _, a, _ in items)
     assert 70 < firsts < 130 and all(len(ims) == 2 for ims, _, _, _ in items)
     same = scenes.make_scene(0, "test", 0)[0]
     assert scene_chats.which_question(same, same, random.Random(0), "en") is None   # nothing tells them apart
+
+
+def test_which_answer_is_scored_by_its_last_verdict():
+    assert scene_chats.chosen("图1：…图2：…所以是第二张。", "zh") == 1
+    assert scene_chats.chosen("第二张里没有，所以是第一张。", "zh") == 0
+    assert scene_chats.chosen("图1：图中有一个形状。", "zh") is None
+    assert scene_chats.chosen("Picture 1: ... So it is the first one.", "en") == 0
 
 
 def test_scene_chats_train_and_score_end_to_end(tmp_path, capsys):
     """The LLaVA export of the scenes trains through train_vision_real.py (one-, two-image
     samples in the same batches) and evaluate.py --pairs scores the checkpoint against chance."""
     import evaluate
-    scene_chats.export(tmp_path / "s", 12, size=32)
+    samples, texts = scene_chats.export(tmp_path / "s", 12, size=32)
     out = tmp_path / "m.pt"
-    code, text, err = main(["--data-path", str(tmp_path / "s"), "--preset", "micro", "--epochs", "1", "--batch-size", "8",
+    code, text, err = main(["--data-path", str(tmp_path / "s"), "--data-path", f"{tmp_path / 's' / 'text'}:0.25",
+                            "--preset", "micro", "--epochs", "1", "--batch-size", "8",
                             "--workers", "0", "--val-ratio", "0", "--output", str(out)], capsys)
     assert code == 0, err[-2000:]
-    assert "训练样本 18 条/轮" in text and out.exists()            # 12 scenes, 6 pairs
+    assert f"训练样本 {len(samples) + round(len(texts) / 4)} 条/轮" in text and out.exists()   # a different quarter each epoch
+    tok = load_checkpoint(out)[1]                                  # the export's words.txt: one token per name
+    assert [tok.decode([t]) for t in tok.encode("红色的圆形")] == ["红色", "的", "圆形"]
     evaluate.main(["--checkpoint", str(out), "--scenes", "2", "--pairs", "4", "--device", "cpu",
                    "--json", str(tmp_path / "r.json")])
     result = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
