@@ -35,16 +35,16 @@ CHANCE = 0.5                   # two pictures: guessing is right half the time
 ORDINAL = {"zh": ("第一张", "第二张"), "en": ("first", "second")}
 
 
-def exclusive(a, b, rng: random.Random) -> list[tuple[str, str, int]]:
-    """Every (colour, shape, picture) found in exactly one of two scenes, in random order."""
+def exclusive(a, b, rng: random.Random, lang: str) -> list[tuple[str, int]]:
+    """Every (thing, picture) with a thing (a colour and a shape) found in exactly one of two
+    scenes, in random order."""
     have = [{(o.colour, o.shape) for o in objs} for objs in (a, b)]
-    found = [(c, s, k) for k in (0, 1) for c, s in sorted(have[k] - have[1 - k])]
+    found = [(scenes.name(scenes.Obj(s, c, 0), lang), k) for k in (0, 1) for c, s in sorted(have[k] - have[1 - k])]
     rng.shuffle(found)
     return found
 
 
-def ask_which(colour: str, shape: str, lang: str) -> str:
-    thing = scenes.name(scenes.Obj(shape, colour, 0), lang)
+def ask_which(thing: str, lang: str) -> str:
     return f"哪张图里有{thing}？" if lang == "zh" else f"Which picture has the {thing}?"
 
 
@@ -52,23 +52,26 @@ def which_question(a, b, rng: random.Random, lang: str):
     """(question, answer, 0 or 1) about a (colour, shape) found in exactly one of two scenes,
     each picture equally likely to be the answer; None when both hold the same pairs.
     The answer describes and checks picture 1, describes picture 2, then names the one (reasoning())."""
-    found = exclusive(a, b, rng)
-    sides = sorted({k for *_, k in found})
+    found = exclusive(a, b, rng, lang)
+    sides = sorted({k for _, k in found})
     if not sides:
         return None
     k = rng.choice(sides)
-    colour, shape, _ = next(f for f in found if f[2] == k)
-    thing = scenes.name(scenes.Obj(shape, colour, 0), lang)
-    return ask_which(colour, shape, lang), reasoning(a, b, thing, k, lang) + verdict(k, lang), k
+    thing = next(t for t, side in found if side == k)
+    return ask_which(thing, lang), reasoning(a, b, thing, k, lang) + verdict(k, lang), k
+
+
+def described(n: int, objs, lang: str) -> str:
+    """Picture n named, then its caption."""
+    return f"图{n}：{scenes.caption(objs, lang)}" if lang == "zh" else f"Picture {n}: {scenes.caption(objs, lang)} "
 
 
 def reasoning(a, b, thing: str, k: int, lang: str) -> str:
     """Picture 1 described and checked for the thing, then picture 2 described. Answering "which
     picture has X" straight from the image tokens stayed at chance in every try (docs/datasets.md);
     this way the one search is in the text just written, with nothing else to tell it from."""
-    if lang == "zh":
-        return f"图1：{scenes.caption(a, lang)}{check(thing, k, lang)}图2：{scenes.caption(b, lang)}"
-    return f"Picture 1: {scenes.caption(a, lang)} {check(thing, k, lang)} Picture 2: {scenes.caption(b, lang)} "
+    gap = "" if lang == "zh" else " "
+    return described(1, a, lang) + check(thing, k, lang) + gap + described(2, b, lang)
 
 
 def check(thing: str, k: int, lang: str) -> str:
@@ -92,12 +95,11 @@ def text_sample(i: int, a, b, rng: random.Random, lang: str) -> dict | None:
     """A text-only sample: the first question with picture 1's description given, answered with
     check(); then more such questions in turn (the things come from a pair, so about half are
     in picture 2 instead, often sharing a colour or a shape with one in picture 1)."""
-    found = exclusive(a, b, rng)[:TEXT_QUESTIONS]
+    found = exclusive(a, b, rng, lang)[:TEXT_QUESTIONS]
     if not found:
         return None
-    qa = [(ask_which(c, s, lang), check(scenes.name(scenes.Obj(s, c, 0), lang), k, lang)) for c, s, k in found]
-    opening = f"图1：{scenes.caption(a, lang)}" if lang == "zh" else f" Picture 1: {scenes.caption(a, lang)}"
-    qa[0] = (qa[0][0] + opening, qa[0][1])
+    qa = [(ask_which(thing, lang), check(thing, k, lang)) for thing, k in found]
+    qa[0] = (qa[0][0] + ("" if lang == "zh" else " ") + described(1, a, lang).rstrip(), qa[0][1])
     return {"id": f"text_{i:06d}", "conversations": turns(qa)}
 
 

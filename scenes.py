@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from errors import ArgumentParser, UserError, cli
+from tokenizer import WORDS_FILE
 from images import normalise
 
 SHAPES = ["circle", "square", "triangle", "diamond", "cross"]
@@ -311,7 +312,6 @@ MARKER = ".scenes"          # written beside captions.json: this folder's data c
 def write_words(out: Path, lang: str):
     """words() as the folder's words file: train_vision_real.py's tokenizer then spells a colour or
     a shape as one token, as the demo's does."""
-    from tokenizer import WORDS_FILE
     (out / WORDS_FILE).write_text("".join(w + "\n" for w in words(lang)), encoding="utf-8")
 
 
@@ -357,7 +357,7 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="允许替换文件夹里不是 scenes.py 生成的 captions.json")
     p.add_argument("--format", default="captions", choices=["captions", "llava"],
                    help="captions=图片描述（captions.json）；llava=LLaVA 对话格式（conversations.json：每张图多轮问答，"
-                        "另有两图问题，见 scene_chats.py）（默认 captions）")
+                        "另有两图问题；text/ 里是纯文字样本，训练时用 --data-path 文件夹/text:权重 混入，见 scene_chats.py）（默认 captions）")
     a = p.parse_args(argv)
     if a.count <= 0 or a.size < 16:
         p.exit(2, "错误：--count 必须为正数，--size 至少为 16。\n")
