@@ -66,6 +66,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_pipeline.py --threads $(BENCH_THREADS)
 	$(PY) bench/bench_packing.py --threads $(BENCH_THREADS)
 	$(PY) bench/bench_words.py --threads $(BENCH_THREADS)
+	$(PY) bench/bench_presets.py --threads $(BENCH_THREADS)
 	$(PY) bench/bench_optim.py --threads $(BENCH_THREADS)
 	$(PY) bench/bench_serve.py
 

@@ -2,15 +2,20 @@
 
 A sample is {"images": [PIL.Image, ...], "messages": [...], ...extra tensors}, with one `<image>`
 marker per image in its user turns (or none: the images then go in front of the first user turn);
-the older {"image": PIL.Image | None} form means a list of one or none. Training batches are
-right-padded (loss masks hide the pad), or packed: several samples to a row, each attending to
-itself alone; generation batches are left-padded with an attention mask so every row's last
-token sits at the same column. A batch's pixels are every image of every sample, in the order
-the samples stand row by row and then image order: the order of the `<image>` runs in the
-flattened batch, which is how VLM.embed splices them (per-sample extra tensors follow the same
-order). They stay uint8 (images.to_tensor): VLM.embed normalises them on the device.
+the older {"image": PIL.Image | None} form means a list of one or none. {"hide": p}, alike in all
+of a data set's items, feeds each answer token to the model as <pad> with probability p while the
+targets stay the true text: the next word must then come from the image, not from the words before
+it (scenes.SceneDataset). Training batches are right-padded (loss masks hide the pad), or packed:
+several samples to a row, each attending to itself alone; generation batches are left-padded
+with an attention mask so every row's last token sits at the same column. A batch's pixels are
+every image of every sample, in the order the samples stand row by row and then image order: the
+order of the `<image>` runs in the flattened batch, which is how VLM.embed splices them (per-sample
+extra tensors follow the same order). They stay uint8 (images.to_tensor): VLM.embed normalises
+them on the device.
 """
 from __future__ import annotations
+
+import zlib
 
 import torch
 
@@ -59,6 +64,10 @@ class Collator:
                 sl = slice(col, col + len(ids))
                 input_ids[b, sl], labels[b, sl], attention_mask[b, sl] = torch.tensor(ids), torch.tensor(lab), k
                 col += len(ids)
+        hide = samples[0].get("hide", 0.0) if self.train else 0.0
+        if hide:            # which tokens: a function of the batch, so a resumed run or another rank replays it
+            g = torch.Generator().manual_seed(zlib.crc32(input_ids.numpy().tobytes()))
+            input_ids = input_ids.masked_fill((labels != -100) & (torch.rand(B, T, generator=g) < hide), self.tok.pad_id)
         samples = [samples[i] for row in rows for i in row]          # reading order: the splice's, the extras'
         images = [to_tensor(img, self.cfg) for s in samples for img in images_of(s)]
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "samples": len(samples),

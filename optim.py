@@ -152,9 +152,10 @@ class Optimizers:
 
 
 def build_optimizer(name: str, model: nn.Module, aux: nn.Module | None, lr: float, weight_decay: float,
-                    device: torch.device, dtype=torch.float32):
+                    device: torch.device, dtype=torch.float32, ns_steps: int = 5):
     """--optimizer's choice over the model's (and the auxiliary head's) trained parameters;
-    `dtype`: what training computes in (autocast's), which picks Muon's."""
+    `dtype`: what training computes in (autocast's), which picks Muon's; ns_steps: Muon's
+    Newton-Schulz iterations (--muon-steps)."""
     modules = [model] + ([aux] if aux is not None else [])
     fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
     hidden = hidden_matrices(model) if name == "muon" else []
@@ -167,4 +168,5 @@ def build_optimizer(name: str, model: nn.Module, aux: nn.Module | None, lr: floa
     for p in hidden:
         groups[getattr(p, "lr_scale", 1.0)].append(p)
     ns_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-    return Optimizers(adamw, Muon([{"params": ps, "lr_scale": s} for s, ps in groups.items()], lr=lr, ns_dtype=ns_dtype))
+    return Optimizers(adamw, Muon([{"params": ps, "lr_scale": s} for s, ps in groups.items()], lr=lr,
+                                      ns_steps=ns_steps, ns_dtype=ns_dtype))

@@ -172,14 +172,15 @@ class SceneDataset(torch.utils.data.Dataset):
     """Map-style: item i is scene i of the split as a conversation of 1-3 turns (the caption
     and/or questions, in random order), drawn afresh each epoch. Several turns per image share
     one pass of the vision encoder and the image tokens, so each step teaches more. Items carry
-    per-cell labels for the encoder's auxiliary probe."""
+    per-cell labels for the encoder's auxiliary probe. hide: the rate at which the collator feeds
+    answer tokens as <pad> (collate.py); 0 for the sets that only measure."""
 
     epoch_keys = True                                           # items are keyed (epoch, index)
 
     def __init__(self, size: int, split: str = "train", seed: int = 0, lang: str = "zh",
-                 image_size: int = 64, max_turns: int = 3):
+                 image_size: int = 64, max_turns: int = 3, hide: float = 0.0):
         self.size, self.split, self.seed, self.lang = size, split, seed, lang
-        self.image_size, self.max_turns = image_size, max_turns
+        self.image_size, self.max_turns, self.hide = image_size, max_turns, hide
 
     def __len__(self):
         return self.size
@@ -196,7 +197,8 @@ class SceneDataset(torch.utils.data.Dataset):
         for q, a in chosen:
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         recolour = torch.tensor(task.randrange(len(PERMS)))        # CellProbe's channel order for this item
-        return {"image": image, "messages": messages, "cells": cell_labels(objs), "recolour": recolour}
+        item = {"image": image, "messages": messages, "cells": cell_labels(objs), "recolour": recolour}
+        return {**item, "hide": self.hide} if self.hide else item
 
 
 # "What colour is the X?" is the one question that needs a search by content (find the X

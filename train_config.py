@@ -63,6 +63,8 @@ class TrainConfig:
     optimizer: str = option("adamw", "优化器 (默认: {default})：adamw；或 muon = 隐藏层的权重矩阵（各层的 nn.Linear）用 Muon"
                                      "（正交化的动量更新），其余参数用 AdamW。从头训练的小模型用 muon 收敛明显更快（见 docs/training.md）",
                             choices=["adamw", "muon"])
+    muon_steps: int = option(5, "--optimizer muon 每步正交化更新时的 Newton–Schulz 迭代次数 (默认: {default})；"
+                                "少迭代几次每步更快、正交化粗一些（演示用 3，见 docs/training.md）")
     min_lr_ratio: float = 0.1        # cosine ends at lr * this
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -79,6 +81,7 @@ class TrainConfig:
                   (self.precision in ("auto", "bf16", "fp16", "fp32"), "--precision 只能是 auto/bf16/fp16/fp32"),
                   (self.feature_cache_gb >= 0, "--feature-cache-gb 不能是负数"),
                   (self.optimizer in ("adamw", "muon"), "--optimizer 只能是 adamw 或 muon"),
+                  (self.muon_steps >= 1, "--muon-steps 必须是正整数"),
                   (not (self.fsdp and self.optimizer == "muon"),
                    "--fsdp 不能和 --optimizer muon 一起用：Muon 每步要整块权重矩阵，FSDP 把矩阵切分到了各个进程。请用 --optimizer adamw")]
         for ok, msg in checks:

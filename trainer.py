@@ -103,7 +103,8 @@ class Trainer:
         self.aux = aux.to(self.device) if aux is not None else None
         self.feature_cache = self.cache_for(self.model.vision)
         self.net = self.training_step()
-        self.opt = build_optimizer(cfg.optimizer, self.model, self.aux, cfg.lr, cfg.weight_decay, self.device, self.dtype)
+        self.opt = build_optimizer(cfg.optimizer, self.model, self.aux, cfg.lr, cfg.weight_decay, self.device, self.dtype,
+                                   cfg.muon_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         cfg.batch_size = resolve_batch(self)                       # --batch-size auto: probed here
         self.global_batch = cfg.batch_size * self.world          # samples per micro-batch, all ranks

@@ -30,14 +30,14 @@ from tokenizer import Tokenizer  # noqa: E402
 from trainer import TrainConfig, Trainer  # noqa: E402
 
 
-def trainer_for(pack: bool, tok, a, output: Path, optimizer: str = "adamw") -> Trainer:
+def trainer_for(pack: bool, tok, a, output: Path, optimizer: str = "adamw", muon_steps: int = 5) -> Trainer:
     torch.manual_seed(0)
     cfg = VLMConfig(**PRESETS[a.preset], lm_vocab_size=-(-tok.vocab_size // 64) * 64, image_token_id=tok.image_id,
                     pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     model = VLM(cfg)
     data = scenes.SceneDataset(a.batch * a.steps, "train", 0, "zh", cfg.vit_image_size)
     tc = TrainConfig(batch_size=a.batch, epochs=1, output=str(output / f"{pack}-{id(tok)}.pt"), precision=a.precision,
-                     workers=0, optimizer=optimizer)
+                     workers=0, optimizer=optimizer, muon_steps=muon_steps)
     return Trainer(model, tok, data, Collator(tok, cfg, pack=pack), tc, aux=scenes.CellProbe(model.vision, cfg.vit_dim),
                    log=lambda *x: None)
 

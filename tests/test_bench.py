@@ -97,6 +97,17 @@ def test_words_bench_checks_same_conversations_and_reports_fewer_tokens():
     assert re.search(r"words 比 chars 快 [0-9.]+ 倍", out.stdout), out.stdout
 
 
+def test_presets_bench_times_both_sizes_on_the_same_scenes():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_presets.py"), "--threads", "1", "--presets", "micro",
+                          "micro", "--muon-steps", "5", "1", "--batch", "4", "--steps", "1", "--rounds", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {l.split("|")[1].strip(): l.split("|") for l in out.stdout.splitlines() if l.startswith("| micro")}
+    assert set(rows) == {"micro/5", "micro/1"} and rows["micro/5"][2] == rows["micro/1"][2]    # same parameters
+    assert all(float(r[3]) > 0 for r in rows.values())
+    assert re.search(r"micro/1 比 micro/5 快 [0-9.]+ 倍", out.stdout), out.stdout
+
+
 def test_optim_bench_times_each_optimizer_side_by_side():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_optim.py"), "--threads", "1", "--preset", "micro",
                           "--steps", "2", "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)

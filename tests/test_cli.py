@@ -43,6 +43,8 @@ def test_micro_run_trains_saves_and_reports(tmp_path):
     (["--epochs", "-1"], "--epochs"),
     (["--lr", "0"], "--lr"),
     (["--batch-size", "0"], "--batch-size"),
+    (["--hide", "1"], "--hide"),
+    (["--muon-steps", "0"], "--muon-steps"),
     (["--checkpoint", "/nonexistent/model.pt"], "找不到"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "设备"),
 ])
@@ -57,7 +59,7 @@ def test_bad_input_gets_one_chinese_line_and_nonzero_exit(args, needle, tmp_path
 @pytest.mark.parametrize("script, args, needle", [
     ("train_vision.py", ["--epochs", "abc"], "参数 --epochs 需要一个整数，收到的是 'abc'"),
     ("train_vision.py", ["--batch-size", "many"], "参数 --batch-size 需要一个正整数或 auto，收到的是 'many'"),
-    ("train_vision.py", ["--preset", "huge"], "参数 --preset 不能取 'huge'，可选：'micro', 'small', 'tiny'"),
+    ("train_vision.py", ["--preset", "huge"], "参数 --preset 不能取 'huge'，可选：'demo', 'micro', 'small', 'tiny'"),
     ("train_vision.py", ["--bogus"], "无法识别的参数：--bogus"),
     ("train_vision_real.py", ["--data-source"], "参数 --data-source 后面缺少取值"),
     ("serve.py", ["--port", "x"], "参数 --port 需要一个整数"),

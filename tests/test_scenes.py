@@ -144,3 +144,25 @@ def test_cell_probe_also_reads_the_scenes_recoloured_for_shape_and_place_only(to
     assert used == [scenes.PERMS[i] for i in batch["recolour"]] and len(set(used)) > 1
     torch.testing.assert_close(grads[True]["colour.weight"], grads[False]["colour.weight"])
     assert not torch.allclose(grads[True]["shape.weight"], grads[False]["shape.weight"])
+
+
+def test_hidden_answer_tokens_are_fed_as_pad_while_the_targets_stay_true(tok):
+    """A training set made with hide=p has the collator feed about p of the answer tokens as <pad>;
+    labels, targets, prompts and image tokens are what they were, the validation set (hide 0) is
+    untouched, and the same batch hides the same tokens again (a resumed run replays it)."""
+    import torch
+    from collate import Collator
+    from conftest import tiny_config
+    cfg = tiny_config(tok)
+    plain = scenes.SceneDataset(48, "train", 0, "zh", cfg.vit_image_size)
+    hiding = scenes.SceneDataset(48, "train", 0, "zh", cfg.vit_image_size, hide=0.3)
+    collate = Collator(tok, cfg, pack=True)
+    a = collate([plain[(1, i)] for i in range(48)])
+    b, again = (collate([hiding[(1, i)] for i in range(48)]) for _ in range(2))
+    answer = a["labels"] != -100
+    changed = a["input_ids"] != b["input_ids"]
+    assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["targets"].target, b["targets"].target)
+    assert not (changed & ~answer).any() and (b["input_ids"][changed] == tok.pad_id).all()
+    assert 0.25 < changed.sum() / answer.sum() < 0.35
+    assert torch.equal(b["input_ids"], again["input_ids"]) and "hide" not in b
+    assert tok.pad_id not in a["input_ids"][a["attention_mask"] > 0]         # hide 0: every token as it is

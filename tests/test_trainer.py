@@ -25,7 +25,7 @@ def test_flags_come_from_train_config_with_each_scripts_own_defaults():
     import train_vision_real
     from train_config import config_from_args
     demo = config_from_args(train_vision.build_parser().parse_args([]))
-    assert demo == TrainConfig(batch_size=48, epochs=7, lr=1e-3, optimizer="muon")
+    assert demo == TrainConfig(batch_size=48, epochs=7, lr=1e-3, optimizer="muon", muon_steps=3)
     real = config_from_args(train_vision_real.build_parser().parse_args([]))
     assert real == TrainConfig()
     cfg = config_from_args(train_vision.build_parser().parse_args(
