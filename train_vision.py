@@ -36,7 +36,7 @@ def build_parser():
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="模型大小 (默认: demo，各 2 层，适合 CPU)")
     p.add_argument("--hide", type=float, default=0.15,
                    help="训练时回答里的每个 token 以这个概率换成 <pad> 喂给模型（要预测的仍是原文），下一个词只能看图说出，"
-                        "不能照前面的词猜；没见过的颜色+形状搭配因此说得更准。0 表示不换 (默认: 0.15)")
+                        "不能照前面的词猜（用意和实测见 docs/training.md）。0 表示不换 (默认: 0.15)")
     p.add_argument("--no-probe", action="store_true", help="关闭视觉编码器的辅助网格监督（不建议）")
     p.add_argument("--eval-scenes", type=int, default=200, help="训练后评估用的测试场景数，0 表示跳过 (默认: 200)")
     return p
