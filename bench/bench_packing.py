@@ -1,6 +1,6 @@
 """Training step with packed rows vs one sample a row, on the demo's own batches, side by side.
 
-    python bench/bench_packing.py                    # the demo: tiny preset, batch 48, its precision
+    python bench/bench_packing.py                    # tiny preset (the demo until 2026-12-03), batch 48
     python bench/bench_packing.py --threads 1 --rounds 5
 
 Both sides start from the same weights and take the same batches (the demo's scenes, its grid
@@ -64,9 +64,9 @@ def alternate(sides: dict, batches: dict, rounds: int) -> dict[str, list[float]]
     return times
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="打包训练行 vs 每行一个样本：演示的同一批数据上每步用时")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="模型大小 (默认: tiny，即演示)")
+def step_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """The flags every demo-step bench shares (batch, steps, rounds, precision, threads), parsed;
+    the thread count is set here."""
     p.add_argument("--batch", type=int, default=48, help="每步样本数 (默认: 48，演示的批次)")
     p.add_argument("--steps", type=int, default=5, help="每轮计时的步数 (默认: 5)")
     p.add_argument("--rounds", type=int, default=3, help="交替测量的轮数，取中位数 (默认: 3)")
@@ -75,6 +75,13 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    return a
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="打包训练行 vs 每行一个样本：演示的同一批数据上每步用时")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="模型大小 (默认: tiny，2026-12-03 之前的演示)")
+    a = step_args(p, argv)
     tok = Tokenizer.train(scenes.all_texts("zh"), vocab_size=1024, words=scenes.words("zh"))
     with tempfile.TemporaryDirectory() as tmp:
         sides = {name: trainer_for(name == "packed", tok, a, Path(tmp)) for name in ("padded", "packed")}

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import scenes  # noqa: E402
-from bench_packing import alternate, trainer_for  # noqa: E402
+from bench_packing import alternate, step_args, trainer_for  # noqa: E402
 from model import PRESETS  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -37,14 +37,7 @@ def main(argv=None):
                    help="比较的两个预设 (默认: tiny demo)")
     p.add_argument("--muon-steps", nargs=2, type=int, default=[5, 3], metavar="N",
                    help="两边各自的 Muon Newton–Schulz 迭代次数 (默认: 5 3)")
-    p.add_argument("--batch", type=int, default=48, help="每步样本数 (默认: 48，演示的批次)")
-    p.add_argument("--steps", type=int, default=5, help="每轮计时的步数 (默认: 5)")
-    p.add_argument("--rounds", type=int, default=3, help="交替测量的轮数，取中位数 (默认: 3)")
-    p.add_argument("--precision", default="auto", help="auto / fp32 / bf16 (默认: auto，同演示)")
-    p.add_argument("--threads", type=int, default=0, help="CPU 线程数，0 = torch 默认")
-    a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    a = step_args(p, argv)
     if a.presets[0] == a.presets[1] and a.muon_steps[0] == a.muon_steps[1]:
         sys.exit("两边的预设和 Muon 迭代次数都相同，没有可比的")
     tok = Tokenizer.train(scenes.all_texts("zh"), vocab_size=1024, words=scenes.words("zh"))

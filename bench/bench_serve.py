@@ -147,7 +147,7 @@ def main(argv=None):
                    help="改用临时生成的 CLIP 视觉塔 + Hugging Face Llama（未训练，语言模型大小同 --preset），"
                         "测 transformers 语言模型的批量生成")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                   help="不给 --checkpoint 时生成的模型大小（默认 tiny，即演示模型的结构）")
+                   help="不给 --checkpoint 时生成的模型大小（默认 tiny，2026-12-03 之前演示模型的结构）")
     p.add_argument("--clients", type=int, default=8, help="并发客户端数（默认 8）")
     p.add_argument("--requests", type=int, default=32, help="每轮的请求数（默认 32）")
     p.add_argument("--max-new-tokens", type=int, default=128, help="每个请求的 max_new_tokens（默认 128）")

@@ -1,6 +1,6 @@
 """The demo's training step with word tokens vs one token per Chinese character, side by side.
 
-    python bench/bench_words.py                      # the demo: tiny preset, batch 48, Muon, its precision
+    python bench/bench_words.py                      # tiny preset (the demo until 2026-12-03), batch 48, Muon
     python bench/bench_words.py --threads 1 --rounds 5
 
 Both sides start from the same weights (but for the vocabulary's rows) and take the same scenes,
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import scenes  # noqa: E402
-from bench_packing import alternate, trainer_for  # noqa: E402
+from bench_packing import alternate, step_args, trainer_for  # noqa: E402
 from model import PRESETS  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -41,16 +41,9 @@ def conversations(tok, batches) -> list[list[str]]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="演示的训练步：按词切分 vs 每个汉字一个 token，同一批数据上每步用时")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="模型大小 (默认: tiny，即演示)")
-    p.add_argument("--batch", type=int, default=48, help="每步样本数 (默认: 48，演示的批次)")
-    p.add_argument("--steps", type=int, default=5, help="每轮计时的步数 (默认: 5)")
-    p.add_argument("--rounds", type=int, default=3, help="交替测量的轮数，取中位数 (默认: 3)")
-    p.add_argument("--precision", default="auto", help="auto / fp32 / bf16 (默认: auto，同演示)")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="模型大小 (默认: tiny，2026-12-03 之前的演示)")
     p.add_argument("--optimizer", default="muon", choices=["adamw", "muon"], help="优化器 (默认: muon，同演示)")
-    p.add_argument("--threads", type=int, default=0, help="CPU 线程数，0 = torch 默认")
-    a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    a = step_args(p, argv)
     texts = scenes.all_texts("zh")
     toks = {"chars": Tokenizer.train(texts, vocab_size=1024),
             "words": Tokenizer.train(texts, vocab_size=1024, words=scenes.words("zh"))}
