@@ -13,6 +13,20 @@ def test_generator_is_deterministic():
     assert c["image"].tobytes() != a["image"].tobytes()
 
 
+def test_pictures_are_drawn_once_up_front_and_items_are_as_drawn_afresh(monkeypatch):
+    data = scenes.SceneDataset(4, seed=7, image_size=72)
+    monkeypatch.setattr(scenes, "render", lambda *a: pytest.fail("drawn again"))
+    items = [data[(epoch, 3)] for epoch in (0, 1)]        # two epochs: new questions, the same picture
+    assert items[1]["image"] is items[0]["image"] and items[1]["messages"] != items[0]["messages"]
+    monkeypatch.undo()
+    objs, rng = scenes.make_scene(7, "train", 3)
+    assert items[1]["image"].tobytes() == scenes.render(objs, rng, 72).tobytes()
+    monkeypatch.setattr(scenes.SceneDataset, "CACHE_BYTES", 2 * 3 * 72 * 72)   # room for two pictures
+    small = scenes.SceneDataset(4, seed=7, image_size=72)
+    assert list(small.pictures) == [0, 1]
+    assert small[3]["image"].tobytes() == items[0]["image"].tobytes()           # the rest drawn when asked
+
+
 def test_heldout_pairs_never_in_training_and_always_in_heldout_split():
     for i in range(3000):
         objs, _ = scenes.make_scene(0, "train", i)
