@@ -173,7 +173,12 @@ class SceneDataset(torch.utils.data.Dataset):
     and/or questions, in random order), drawn afresh each epoch. Several turns per image share
     one pass of the vision encoder and the image tokens, so each step teaches more. Items carry
     per-cell labels for the encoder's auxiliary probe. hide: the rate at which the collator feeds
-    answer tokens as <pad> (collate.py); 0 for the sets that only measure.
+    answer tokens as <pad> (collate.py); 0 for the sets that only measure. recolour: the rate at
+    which an item shows its picture with the colour channels swapped (PERMS: the same shapes in
+    colours that have no name here) and asks only what names no colour (count and shape
+    questions), so the language model, not only the probe, learns to read a shape whatever its
+    colour: a shape never drawn in some colour is otherwise misread as a seen neighbour
+    (docs/training.md). 0 for the sets that only measure.
     A scene's picture is the same every epoch (only its questions change), so the pictures are
     drawn once, up front, and kept, up to CACHE_BYTES: drawing them every epoch was 8% of a demo
     step on a 2-core CPU, and drawn during the first epoch they would make its pace (the printed
@@ -183,9 +188,9 @@ class SceneDataset(torch.utils.data.Dataset):
     CACHE_BYTES = 1 << 30
 
     def __init__(self, size: int, split: str = "train", seed: int = 0, lang: str = "zh",
-                 image_size: int = 64, max_turns: int = 3, hide: float = 0.0):
+                 image_size: int = 64, max_turns: int = 3, hide: float = 0.0, recolour: float = 0.0):
         self.size, self.split, self.seed, self.lang = size, split, seed, lang
-        self.image_size, self.max_turns, self.hide = image_size, max_turns, hide
+        self.image_size, self.max_turns, self.hide, self.recolour = image_size, max_turns, hide, recolour
         self.pictures = {}
         for i in range(min(size, self.CACHE_BYTES // (3 * image_size ** 2))):
             self.pictures[i] = render(*make_scene(seed, split, i), image_size)
@@ -201,11 +206,18 @@ class SceneDataset(torch.utils.data.Dataset):
         turns = [(task.choice(CAPTION_PROMPTS[self.lang]), caption(objs, self.lang))]
         turns += pick_questions(objs, task, self.lang, 3)
         chosen = task.sample(turns, task.randint(1, self.max_turns))
+        recolour = torch.tensor(task.randrange(len(PERMS)))        # CellProbe's channel order for this item
+        cells = cell_labels(objs)
+        swap = random.Random(f"{self.seed}/{self.split}/{i}/recolour/{epoch}")
+        if self.recolour and swap.random() < self.recolour:         # the same shapes in colours of no name:
+            bands = image.split()                                   # only what does not name a colour is asked
+            image = Image.merge("RGB", [bands[c] for c in PERMS[swap.randrange(len(PERMS))]])
+            chosen = pick_questions(objs, swap, self.lang, swap.randint(1, self.max_turns), kinds=("count", "shape"))
+            cells[1] = IGNORE                                       # and the probe learns no colour from it
         messages = []
         for q, a in chosen:
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        recolour = torch.tensor(task.randrange(len(PERMS)))        # CellProbe's channel order for this item
-        item = {"image": image, "messages": messages, "cells": cell_labels(objs), "recolour": recolour}
+        item = {"image": image, "messages": messages, "cells": cells, "recolour": recolour}
         return {**item, "hide": self.hide} if self.hide else item
 
 
@@ -215,22 +227,26 @@ class SceneDataset(torch.utils.data.Dataset):
 KIND_WEIGHTS = {"count": 1, "colour": 2, "shape": 1, "object": 1}
 
 
-def pick_questions(objs, rng: random.Random, lang: str, k: int):
-    """k different questions, balanced: each kind drawn by KIND_WEIGHTS, and within a kind
-    questions about something present as likely as "is there anything at X?" with the answer no
+def pick_questions(objs, rng: random.Random, lang: str, k: int, kinds=tuple(KIND_WEIGHTS)):
+    """k different questions of the given kinds, balanced: each kind drawn by KIND_WEIGHTS, and within
+    a kind questions about something present as likely as "is there anything at X?" with the answer no
     (most cells are empty, so uniform sampling would teach the model to answer "nothing")."""
     groups = {}
     for kind, q, a, present in questions(objs, lang):
-        groups.setdefault(kind, {}).setdefault(present, []).append((q, a))
-    kinds = sorted(groups)
-    weights = [KIND_WEIGHTS[kind] for kind in kinds]
+        if kind in kinds:
+            groups.setdefault(kind, {}).setdefault(present, []).append((q, a))
+    drawn = sorted(groups)
+    weights = [KIND_WEIGHTS[kind] for kind in drawn]
     picked = []
     while len(picked) < k:
-        by_answer = groups[rng.choices(kinds, weights)[0]]
+        by_answer = groups[rng.choices(drawn, weights)[0]]
         qa = rng.choice(by_answer[rng.choice(sorted(by_answer))])
         if qa not in picked:
             picked.append(qa)
     return picked
+
+
+IGNORE = -100                  # a cell label the probe skips (cross_entropy's ignore_index)
 
 
 def cell_labels(objs) -> torch.Tensor:
@@ -287,7 +303,11 @@ class CellProbe(torch.nn.Module):
         ce = torch.nn.functional.cross_entropy
         loss = (ce(self.shape(pooled).flatten(0, 1), cells[:, 0].flatten())
                 + ce(self.where(feats).flatten(0, 1), cell_of_patch.flatten()))
-        return loss + ce(self.colour(pooled).flatten(0, 1), cells[:, 1].flatten()) if colour else loss
+        if not colour:
+            return loss
+        colours = cells[:, 1].flatten()                        # a recoloured item's are IGNORE: a mean over
+        named = (colours != IGNORE).sum().clamp(min=1)         # the rest, 0 when a batch has none
+        return loss + ce(self.colour(pooled).flatten(0, 1), colours, reduction="sum") / named
 
 
 PERMS = [(1, 0, 2), (2, 1, 0), (0, 2, 1), (1, 2, 0), (2, 0, 1)]     # every order of R, G, B but the identity

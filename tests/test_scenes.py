@@ -1,6 +1,8 @@
 import json
 
 import pytest
+import torch
+from PIL import Image
 
 import scenes
 
@@ -25,6 +27,43 @@ def test_pictures_are_drawn_once_up_front_and_items_are_as_drawn_afresh(monkeypa
     small = scenes.SceneDataset(4, seed=7, image_size=72)
     assert list(small.pictures) == [0, 1]
     assert small[3]["image"].tobytes() == items[0]["image"].tobytes()           # the rest drawn when asked
+
+
+def test_a_recoloured_item_swaps_the_colour_channels_and_asks_nothing_that_names_a_colour():
+    plain = scenes.SceneDataset(40, seed=3, image_size=72)
+    swapped = scenes.SceneDataset(40, seed=3, image_size=72, recolour=0.5)
+    colour_words = set(scenes.COLOURS_ZH.values())
+    changed = 0
+    for i in range(40):
+        a, b = plain[(1, i)], swapped[(1, i)]
+        if b["image"].tobytes() == a["image"].tobytes():          # not drawn for recolouring: the same item
+            assert b["messages"] == a["messages"] and torch.equal(b["cells"], a["cells"])
+            continue
+        changed += 1
+        bands = a["image"].split()
+        assert any(b["image"].tobytes() == Image.merge("RGB", [bands[c] for c in perm]).tobytes()
+                   for perm in scenes.PERMS)
+        answers = [m["content"] for m in b["messages"] if m["role"] == "assistant"]
+        assert answers and not any(w in text for text in answers for w in colour_words)
+        assert torch.equal(b["cells"][0], a["cells"][0]) and (b["cells"][1] == scenes.IGNORE).all()
+    assert 10 <= changed <= 30                                    # about half of 40
+
+
+def test_the_probe_learns_no_colour_from_a_recoloured_item_even_when_a_batch_has_only_such():
+    vision = torch.nn.Identity()
+    probe = scenes.CellProbe(vision, 8, recolour=False)
+    feats = torch.randn(2, 9, 8)                                  # 9 patches: one per cell, pooling keeps them
+    cells = torch.tensor([[[1] * 9, [2] * 9], [[3] * 9, [4] * 9]])
+
+    def loss(colours):
+        vision(feats)                                             # the forward hook keeps the features
+        return probe({"cells": torch.cat([cells[:, :1], colours[:, None]], 1)})
+
+    none_named = loss(torch.full((2, 9), scenes.IGNORE))
+    first_named = loss(torch.stack([cells[0, 1], torch.full((9,), scenes.IGNORE)]))
+    assert torch.isfinite(none_named)
+    torch.testing.assert_close(first_named - none_named,
+                               torch.nn.functional.cross_entropy(probe.colour(feats[0]), cells[0, 1]))
 
 
 def test_heldout_pairs_never_in_training_and_always_in_heldout_split():
