@@ -203,7 +203,6 @@ def test_hidden_answer_tokens_are_fed_as_pad_while_the_targets_stay_true(tok):
     """A training set made with hide=p has the collator feed about p of the answer tokens as <pad>;
     labels, targets, prompts and image tokens are what they were, the validation set (hide 0) is
     untouched, and the same batch hides the same tokens again (a resumed run replays it)."""
-    import torch
     from collate import Collator
     from conftest import tiny_config
     cfg = tiny_config(tok)
