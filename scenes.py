@@ -33,6 +33,8 @@ POSITIONS = ["top left", "top", "top right", "left", "center", "right", "bottom 
 POSITIONS_ZH = ["左上方", "正上方", "右上方", "左侧", "中间", "右侧", "左下方", "正下方", "右下方"]
 COUNT_ZH = {1: "一", 2: "两", 3: "三"}
 COUNT_EN = {1: "one", 2: "two", 3: "three"}
+# drawn only by --reshape (SceneDataset), and never named: the world has no word for them
+NAMELESS = ["ring", "star", "hexagon", "half-disc"]
 # never in training: each shape misses one colour, each of five colours misses one shape
 HELDOUT = {("red", "triangle"), ("green", "circle"), ("blue", "diamond"), ("yellow", "cross"),
            ("purple", "square")}
@@ -93,6 +95,15 @@ def render(objs, rng: random.Random, size: int = 64) -> Image.Image:
             w = r * 0.36
             d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=col)
             d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=col)
+        elif o.shape == "ring":
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=col, width=max(2, int(r * 0.4)))
+        elif o.shape == "star":
+            d.polygon([(cx + r * (1 if k % 2 == 0 else 0.45) * math.sin(k * math.pi / 5),
+                        cy - r * (1 if k % 2 == 0 else 0.45) * math.cos(k * math.pi / 5)) for k in range(10)], fill=col)
+        elif o.shape == "hexagon":
+            d.polygon([(cx + r * math.cos(k * math.pi / 3), cy + r * math.sin(k * math.pi / 3)) for k in range(6)], fill=col)
+        elif o.shape == "half-disc":
+            d.pieslice([cx - r, cy - r * 0.6, cx + r, cy + r * 1.4], 180, 360, fill=col)
     return img.resize((size, size), Image.BILINEAR, reducing_gap=2.0)
 
 
@@ -147,6 +158,18 @@ def questions(objs, lang: str = "zh"):
     return out
 
 
+def colour_at(objs, lang: str = "zh"):
+    """"What colour is at <cell>?" for every cell, as questions() gives them: for shapes of no name."""
+    by_cell, zh = {o.cell: o for o in objs}, lang == "zh"
+    out = []
+    for cell, (pz, pe) in enumerate(zip(POSITIONS_ZH, POSITIONS)):
+        o = by_cell.get(cell)
+        a = (f"{COLOURS_ZH[o.colour]}。" if zh else f"{o.colour.capitalize()}.") if o else \
+            (f"{pz}没有形状。" if zh else f"There is nothing at the {pe}.")
+        out.append(("colour_at", f"{pz}是什么颜色的？" if zh else f"What color is the shape at the {pe}?", a, o is not None))
+    return out
+
+
 def parse_caption(text: str, lang: str = "zh"):
     """The set of (cell, colour, shape) a caption names; unreadable parts are ignored."""
     found = set()
@@ -172,13 +195,13 @@ class SceneDataset(torch.utils.data.Dataset):
     """Map-style: item i is scene i of the split as a conversation of 1-3 turns (the caption
     and/or questions, in random order), drawn afresh each epoch. Several turns per image share
     one pass of the vision encoder and the image tokens, so each step teaches more. Items carry
-    per-cell labels for the encoder's auxiliary probe. hide: the rate at which the collator feeds
-    answer tokens as <pad> (collate.py); 0 for the sets that only measure. recolour: the rate at
-    which an item shows its picture with the colour channels swapped (PERMS: the same shapes in
-    colours that have no name here) and asks only what names no colour (count and shape
-    questions), so the language model, not only the probe, learns to read a shape whatever its
-    colour: a shape never drawn in some colour is otherwise misread as a seen neighbour
-    (docs/training.md). 0 for the sets that only measure.
+    per-cell labels for the encoder's auxiliary probe. Rates that only training sets use:
+    hide: answer tokens fed as <pad> (collate.py). recolour: the picture with its colour channels
+    swapped (far_from_heldout: the same shapes in colours of no name), asking only the count and
+    shapes. reshape: (of the other items) the objects drawn as shapes of no name (NAMELESS) in
+    their own colours, asking only the count and colour_at. So the language model, not only the
+    probe, learns to read a shape whatever its colour and a colour whatever its shape: a pair never
+    seen is otherwise misread as a seen neighbour (docs/training.md).
     A scene's picture is the same every epoch (only its questions change), so the pictures are
     drawn once, up front, and kept, up to CACHE_BYTES: drawing them every epoch was 8% of a demo
     step on a 2-core CPU, and drawn during the first epoch they would make its pace (the printed
@@ -188,9 +211,11 @@ class SceneDataset(torch.utils.data.Dataset):
     CACHE_BYTES = 1 << 30
 
     def __init__(self, size: int, split: str = "train", seed: int = 0, lang: str = "zh",
-                 image_size: int = 64, max_turns: int = 3, hide: float = 0.0, recolour: float = 0.0):
+                 image_size: int = 64, max_turns: int = 3, hide: float = 0.0, recolour: float = 0.0,
+                 reshape: float = 0.0):
         self.size, self.split, self.seed, self.lang = size, split, seed, lang
-        self.image_size, self.max_turns, self.hide, self.recolour = image_size, max_turns, hide, recolour
+        self.image_size, self.max_turns, self.hide = image_size, max_turns, hide
+        self.recolour, self.reshape = recolour, reshape
         self.pictures = {}
         for i in range(min(size, self.CACHE_BYTES // (3 * image_size ** 2))):
             self.pictures[i] = render(*make_scene(seed, split, i), image_size)
@@ -206,33 +231,42 @@ class SceneDataset(torch.utils.data.Dataset):
         turns = [(task.choice(CAPTION_PROMPTS[self.lang]), caption(objs, self.lang))]
         turns += pick_questions(objs, task, self.lang, 3)
         chosen = task.sample(turns, task.randint(1, self.max_turns))
-        recolour = torch.tensor(task.randrange(len(PERMS)))        # CellProbe's channel order for this item
+        perms = far_from_heldout(objs)
+        probe_order = task.choice(perms) if perms else (0, 1, 2)    # CellProbe's second look at the scene
         cells = cell_labels(objs)
         swap = random.Random(f"{self.seed}/{self.split}/{i}/recolour/{epoch}")
-        if self.recolour and swap.random() < self.recolour:         # the same shapes in colours of no name:
-            bands = image.split()                                   # only what does not name a colour is asked
-            image = Image.merge("RGB", [bands[c] for c in PERMS[swap.randrange(len(PERMS))]])
+        if self.recolour and swap.random() < self.recolour and perms:   # the same shapes in colours of no name:
+            order, bands = swap.choice(perms), image.split()        # only what does not name a colour is asked
+            image = Image.merge("RGB", [bands[c] for c in order])
+            probe_order = tuple(order.index(c) for c in probe_order)    # still relative to the scene's colours
             chosen = pick_questions(objs, swap, self.lang, swap.randint(1, self.max_turns), kinds=("count", "shape"))
             cells[1] = IGNORE                                       # and the probe learns no colour from it
+        elif self.reshape and swap.random() < self.reshape:         # shapes of no name in the same colours:
+            drawn = [Obj(swap.choice(NAMELESS), o.colour, o.cell) for o in objs]   # only colours are asked
+            image = render(drawn, make_scene(self.seed, self.split, i)[1], self.image_size)
+            chosen = pick_questions(objs, swap, self.lang, swap.randint(1, self.max_turns), kinds=("count", "colour_at"))
+            cells[0][cells[0] > 0] = IGNORE                         # and the probe learns no shape from it
         messages = []
         for q, a in chosen:
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        item = {"image": image, "messages": messages, "cells": cells, "recolour": recolour}
+        item = {"image": image, "messages": messages, "cells": cells, "recolour": torch.tensor(probe_order)}
         return {**item, "hide": self.hide} if self.hide else item
 
 
 # "What colour is the X?" is the one question that needs a search by content (find the X
 # wherever it is); the others name a cell or the whole image. Asked twice as often, the 7-epoch
 # demo answers it right 98% instead of 71% (all questions: 98.0% instead of 91.5%, docs/training.md).
-KIND_WEIGHTS = {"count": 1, "colour": 2, "shape": 1, "object": 1}
+# "colour_at" is asked only about shapes that have no name (--reshape), beside the count.
+KIND_WEIGHTS = {"count": 1, "colour": 2, "shape": 1, "object": 1, "colour_at": 4}
+ASKED = ("count", "colour", "shape", "object")                 # the kinds an ordinary item asks
 
 
-def pick_questions(objs, rng: random.Random, lang: str, k: int, kinds=tuple(KIND_WEIGHTS)):
+def pick_questions(objs, rng: random.Random, lang: str, k: int, kinds=ASKED):
     """k different questions of the given kinds, balanced: each kind drawn by KIND_WEIGHTS, and within
     a kind questions about something present as likely as "is there anything at X?" with the answer no
     (most cells are empty, so uniform sampling would teach the model to answer "nothing")."""
     groups = {}
-    for kind, q, a, present in questions(objs, lang):
+    for kind, q, a, present in questions(objs, lang) + (colour_at(objs, lang) if "colour_at" in kinds else []):
         if kind in kinds:
             groups.setdefault(kind, {}).setdefault(present, []).append((q, a))
     drawn = sorted(groups)
@@ -286,7 +320,7 @@ class CellProbe(torch.nn.Module):
         vision = self.vision and self.vision[0]
         if vision and next(vision.parameters()).requires_grad:   # an encoder that learns sees the scenes again
             px = batch["pixels"]                 # with colour channels swapped (the order is the data's, so a
-            perm = torch.tensor(PERMS, device=px.device)[batch["recolour"]]     # resumed run replays it):
+            perm = batch["recolour"].to(px.device)                              # resumed run replays it):
             px = px.gather(1, perm[:, :, None, None].expand_as(px))            # its shapes in new colours
             vision(normalise(px, vision.cfg))
             loss = loss + self._cells(self.feats.float(), cells, colour=False)
@@ -311,6 +345,15 @@ class CellProbe(torch.nn.Module):
 
 
 PERMS = [(1, 0, 2), (2, 1, 0), (0, 2, 1), (1, 2, 0), (2, 0, 1)]     # every order of R, G, B but the identity
+NEAR = 80          # RGB distance; yellow and orange, the closest two colours of the world, are 66 apart
+
+
+def far_from_heldout(objs) -> list:
+    """The PERMS that draw no object of the scene within NEAR of the colour of a held-out pair of its
+    shape: swapped, a blue triangle (35, 75, 220) would be a (220, 75, 35) one, a red triangle's
+    neighbour (red triangles are held out), and the model would have seen that pair after all."""
+    return [p for p in PERMS if all(math.dist([COLOURS[o.colour][c] for c in p], COLOURS[h]) >= NEAR
+                                    for o in objs for h, s in HELDOUT if s == o.shape)]
 
 
 def words(lang: str = "zh"):

@@ -40,6 +40,9 @@ def build_parser():
     p.add_argument("--recolour", type=float, default=0.25,
                    help="训练时每个场景以这个概率把图的颜色通道对调（形状不变，颜色变成没有名字的颜色），只问不说颜色的问题"
                         "（几个、什么形状），让语言模型不论颜色都认得出形状（实测见 docs/training.md）。0 表示不换 (默认: 0.25)")
+    p.add_argument("--reshape", type=float, default=0.15,
+                   help="训练时没换色的场景再以这个概率把形状画成没有名字的形状（圆环、星形、六边形、半圆，颜色不变），只问"
+                        "几个形状和某个位置是什么颜色，让语言模型不论形状都认得出颜色（实测见 docs/training.md）。0 表示不换 (默认: 0.15)")
     p.add_argument("--no-probe", action="store_true", help="关闭视觉编码器的辅助网格监督（不建议）")
     p.add_argument("--eval-scenes", type=int, default=200, help="训练后评估用的测试场景数，0 表示跳过 (默认: 200)")
     return p
@@ -51,8 +54,10 @@ def main(argv=None):
     cfg = config_from_args(a)
     cfg.validate()
     resolve_device(a.device)                      # fail on a bad --device before any work
-    if a.train_size < 1 or a.val_size < 0 or a.eval_scenes < 0 or not 0 <= a.hide < 1 or not 0 <= a.recolour < 1:
-        raise UserError("--train-size 必须为正数，--val-size 和 --eval-scenes 不能为负数，--hide 和 --recolour 必须在 [0, 1) 之间。")
+    rates = (a.hide, a.recolour, a.reshape)
+    if a.train_size < 1 or a.val_size < 0 or a.eval_scenes < 0 or not all(0 <= x < 1 for x in rates):
+        raise UserError("--train-size 必须为正数，--val-size 和 --eval-scenes 不能为负数，"
+                        "--hide、--recolour 和 --reshape 必须在 [0, 1) 之间。")
     torch.manual_seed(a.seed)                     # the same --seed builds the same initial weights
     if a.checkpoint:
         model, tok, meta = load_checkpoint(a.checkpoint)
@@ -67,7 +72,7 @@ def main(argv=None):
     say(f"模型参数: 视觉编码器 {count_params(model.vision) / 1e6:.2f}M, 投影层 {count_params(model.projector) / 1e6:.2f}M, "
           f"语言模型 {count_params(model.lm) / 1e6:.2f}M；每张图 {mcfg.image_tokens} 个图像 token")
     train = scenes.SceneDataset(a.train_size, "train", a.seed, a.lang, mcfg.vit_image_size, hide=a.hide,
-                                recolour=a.recolour)
+                                recolour=a.recolour, reshape=a.reshape)
     val = scenes.SceneDataset(a.val_size, "test", a.seed + 1000, a.lang, mcfg.vit_image_size)
     probe = None if a.no_probe else scenes.CellProbe(model.vision, mcfg.vit_dim)
 

@@ -45,6 +45,7 @@ def test_micro_run_trains_saves_and_reports(tmp_path):
     (["--batch-size", "0"], "--batch-size"),
     (["--hide", "1"], "--hide"),
     (["--recolour", "-0.1"], "--recolour"),
+    (["--reshape", "1.5"], "--reshape"),
     (["--muon-steps", "0"], "--muon-steps"),
     (["--checkpoint", "/nonexistent/model.pt"], "找不到"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "设备"),

@@ -49,6 +49,53 @@ def test_a_recoloured_item_swaps_the_colour_channels_and_asks_nothing_that_names
     assert 10 <= changed <= 30                                    # about half of 40
 
 
+def test_a_reshaped_item_draws_shapes_of_no_name_in_their_colours_and_asks_only_count_and_colour():
+    plain = scenes.SceneDataset(60, seed=4, image_size=72)
+    both = scenes.SceneDataset(60, seed=4, image_size=72, recolour=0.25, reshape=0.5)
+    reshaped = 0
+    for i in range(60):
+        a, b = plain[(2, i)], both[(2, i)]
+        objs, _ = scenes.make_scene(4, "train", i)
+        if (b["cells"][1] == scenes.IGNORE).all() or b["image"].tobytes() == a["image"].tobytes():
+            continue                                               # recoloured, or neither
+        reshaped += 1
+        assert torch.equal(b["cells"][1], a["cells"][1])           # colours kept and still taught to the probe
+        occupied = a["cells"][0] > 0
+        assert (b["cells"][0][occupied] == scenes.IGNORE).all() and (b["cells"][0][~occupied] == 0).all()
+        truth = {(q, ans) for _, q, ans, _ in scenes.colour_at(objs) + scenes.questions(objs)[:1]}
+        asked = [(b["messages"][k]["content"], b["messages"][k + 1]["content"]) for k in range(0, len(b["messages"]), 2)]
+        assert asked and all(qa in truth for qa in asked)           # the count or "what colour is at <cell>"
+        shape_words = set(scenes.SHAPES_ZH.values())
+        assert not any(w in ans for _, ans in asked for w in shape_words)
+        pixels = torch.tensor(list(b["image"].getdata())).float()  # the same colours are there
+        for o in objs:
+            assert (pixels - torch.tensor(scenes.COLOURS[o.colour])).abs().max(1).values.min() < 25
+    assert 12 <= reshaped <= 35                                    # about half of the three quarters not recoloured
+
+
+def test_no_channel_swap_shows_a_shape_near_a_colour_it_is_held_out_in():
+    blue_triangle = [scenes.Obj("triangle", "blue", 0)]             # (35, 75, 220): with R and B swapped, red-ish
+    assert (2, 1, 0) not in scenes.far_from_heldout(blue_triangle) and (1, 0, 2) in scenes.far_from_heldout(blue_triangle)
+    plain = scenes.SceneDataset(80, seed=5, image_size=72)
+    swapped = scenes.SceneDataset(80, seed=5, image_size=72, recolour=0.5)
+    for i in range(80):
+        a, b = plain[(0, i)], swapped[(0, i)]
+        objs, _ = scenes.make_scene(5, "train", i)
+        allowed = scenes.far_from_heldout(objs) + [(0, 1, 2)]
+        bands = a["image"].split()
+        shown = next(p for p in allowed if Image.merge("RGB", [bands[c] for c in p]).tobytes() == b["image"].tobytes())
+        second = tuple(shown[c] for c in b["recolour"].tolist())    # the probe's look, in the scene's own colours
+        assert second in allowed
+
+
+def test_colour_at_names_the_colour_of_every_cell():
+    objs = [scenes.Obj("ring", "red", 0), scenes.Obj("star", "blue", 8)]
+    zh = {q: a for _, q, a, _ in scenes.colour_at(objs)}
+    en = {q: a for _, q, a, _ in scenes.colour_at(objs, "en")}
+    assert zh["左上方是什么颜色的？"] == "红色。" and zh["右下方是什么颜色的？"] == "蓝色。" and zh["中间是什么颜色的？"] == "中间没有形状。"
+    assert en["What color is the shape at the bottom right?"] == "Blue." and len(zh) == len(en) == 9
+
+
 def test_the_probe_learns_no_colour_from_a_recoloured_item_even_when_a_batch_has_only_such():
     vision = torch.nn.Identity()
     probe = scenes.CellProbe(vision, 8, recolour=False)
@@ -130,7 +177,8 @@ def test_training_questions_follow_the_kind_weights_and_balance_yes_and_no():
             present.setdefault(kind, []).append(p)
     total = sum(kinds.values())
     share = {k: kinds[k] / total for k in kinds}
-    expected = {k: w / sum(scenes.KIND_WEIGHTS.values()) for k, w in scenes.KIND_WEIGHTS.items()}
+    weights = {k: scenes.KIND_WEIGHTS[k] for k in scenes.ASKED}
+    expected = {k: w / sum(weights.values()) for k, w in weights.items()}
     # the count question exists once per scene, so it is drawn a little less than its weight
     assert share["colour"] == pytest.approx(expected["colour"], abs=0.06)
     assert share["colour"] > 1.5 * share["shape"]
@@ -190,11 +238,9 @@ def test_cell_probe_also_reads_the_scenes_recoloured_for_shape_and_place_only(to
         grads[recolour] = {n: p.grad.clone() for n, p in probe.named_parameters()}
     plain, swapped = seen[-2], seen[-1]
     assert len(seen) == 3 and torch.equal(seen[0], plain)            # without recolouring: one pass only
-    used = []
-    for img, out in zip(plain, swapped):
-        used += [perm for perm in scenes.PERMS if torch.equal(out, img[list(perm)])][:1]
-        assert not torch.equal(out, img)
-    assert used == [scenes.PERMS[i] for i in batch["recolour"]] and len(set(used)) > 1
+    for img, out, order in zip(plain, swapped, batch["recolour"]):
+        assert torch.equal(out, img[order])
+    assert len({tuple(o) for o in batch["recolour"].tolist()}) > 1 and not torch.equal(plain, swapped)
     torch.testing.assert_close(grads[True]["colour.weight"], grads[False]["colour.weight"])
     assert not torch.allclose(grads[True]["shape.weight"], grads[False]["shape.weight"])
 
