@@ -65,6 +65,8 @@ class TrainConfig:
                             choices=["adamw", "muon"])
     muon_steps: int = option(5, "--optimizer muon 每步正交化更新时的 Newton–Schulz 迭代次数 (默认: {default})；"
                                 "少迭代几次每步更快、正交化粗一些（演示用 3，见 docs/training.md）")
+    keep: str = option("best", "保存哪一轮的模型 (默认: {default})：best = 验证损失（或 --select-by 的评分）最好的一轮；"
+                               "last = 每轮都存，最后留下学习率按计划降完的那一轮", choices=["best", "last"])
     min_lr_ratio: float = 0.1        # cosine ends at lr * this
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -82,6 +84,7 @@ class TrainConfig:
                   (self.feature_cache_gb >= 0, "--feature-cache-gb 不能是负数"),
                   (self.optimizer in ("adamw", "muon"), "--optimizer 只能是 adamw 或 muon"),
                   (self.muon_steps >= 1, "--muon-steps 必须是正整数"),
+                  (self.keep in ("best", "last"), "--keep 只能是 best 或 last"),
                   (not (self.fsdp and self.optimizer == "muon"),
                    "--fsdp 不能和 --optimizer muon 一起用：Muon 每步要整块权重矩阵，FSDP 把矩阵切分到了各个进程。请用 --optimizer adamw")]
         for ok, msg in checks:

@@ -29,7 +29,7 @@ from trainer import TrainingInterrupted
 def build_parser():
     p = ArgumentParser(
         description="合成数据演示：在 CPU 上从零训练一个能看懂简单图形的小型视觉语言模型（2 核机器上训练约 5～6.5 分钟）。")
-    add_train_flags(p, batch_size=48, epochs=7, lr=1e-3, optimizer="muon", muon_steps=3)
+    add_train_flags(p, batch_size=48, epochs=7, lr=1e-3, optimizer="muon", muon_steps=3, keep="last")
     p.add_argument("--train-size", type=int, default=6000, help="每轮的训练场景数 (默认: 6000)")
     p.add_argument("--val-size", type=int, default=256, help="验证场景数 (默认: 256)")
     p.add_argument("--lang", default="zh", choices=["zh", "en"], help="描述语言: zh 中文 / en 英文 (默认: zh)")

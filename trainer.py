@@ -2,7 +2,8 @@
 
 AdamW, or Muon for the hidden matrices (optim.py) -> linear warmup + cosine decay -> bf16
 autocast (fp16 + GradScaler where bf16 is missing) -> gradient accumulation and clipping ->
-non-finite steps skipped -> validation each epoch -> best checkpoint by validation loss -> resume state beside it.
+non-finite steps skipped -> validation each epoch -> best checkpoint by validation loss (or the last,
+--keep last) -> resume state beside it.
 
 Data order is a pure function of (seed, epoch), so a resumed run replays exactly the batches an
 uninterrupted run would have seen and ends with the same weights.
@@ -284,12 +285,12 @@ class Trainer:
         record.update(report.metrics)
         if report.score is not None:
             score = report.score
-        if score < self.best:
-            self.best = score
-            if self.is_main:
-                print("→ 新的最佳损失! 保存模型...", flush=True)
-                save_checkpoint(self.cfg.output, self.model, self.tokenizer,
-                                {**self.meta, "epoch": epoch + 1, "step": self.step, "score": score})
+        improved = score < self.best
+        self.best = min(score, self.best)
+        if (improved or self.cfg.keep == "last") and self.is_main:
+            print("→ 新的最佳损失! 保存模型..." if improved else "→ 不比之前最好的低，按 --keep last 仍保存这一轮...", flush=True)
+            save_checkpoint(self.cfg.output, self.model, self.tokenizer,
+                            {**self.meta, "epoch": epoch + 1, "step": self.step, "score": score})
         self.log_metrics(record)
         self.epoch, self.batch_in_epoch, self.seen_in_epoch = epoch + 1, 0, 0
         self.save_resume(background=True)

@@ -5,7 +5,7 @@ import scenes
 from collate import Collator
 from model import VLM
 from optim import lr_at
-from trainer import TrainConfig, Trainer
+from trainer import EpochReport, TrainConfig, Trainer
 from conftest import tiny_config
 
 
@@ -25,7 +25,7 @@ def test_flags_come_from_train_config_with_each_scripts_own_defaults():
     import train_vision_real
     from train_config import config_from_args
     demo = config_from_args(train_vision.build_parser().parse_args([]))
-    assert demo == TrainConfig(batch_size=48, epochs=7, lr=1e-3, optimizer="muon", muon_steps=3)
+    assert demo == TrainConfig(batch_size=48, epochs=7, lr=1e-3, optimizer="muon", muon_steps=3, keep="last")
     real = config_from_args(train_vision_real.build_parser().parse_args([]))
     assert real == TrainConfig()
     cfg = config_from_args(train_vision.build_parser().parse_args(
@@ -56,6 +56,19 @@ def test_a_tiny_run_lowers_the_loss(tok, tmp_path):
     assert (tmp_path / "m.pt").is_file() and (tmp_path / "m.resume.pt").is_file()
     log = (tmp_path / "m.log.jsonl").read_text().splitlines()
     assert len(log) == 3 and '"val_loss"' in log[0]
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_keep_last_saves_the_final_epoch_even_when_its_score_is_not_the_best(tok, tmp_path, capsys, keep):
+    from checkpoint import load_checkpoint
+    t = make_trainer(tok, tmp_path, epochs=3, keep=keep)
+    scores = iter([1.0, 0.5, 0.7])                                  # the last epoch scores worse than the second
+    t.on_epoch_end = lambda model, epoch: EpochReport(score=next(scores))
+    t.fit()
+    _, _, meta = load_checkpoint(tmp_path / "m.pt")
+    assert (meta["epoch"], meta["score"]) == ((3, 0.7) if keep == "last" else (2, 0.5)) and t.best == 0.5
+    out = capsys.readouterr().out
+    assert out.count("→ 新的最佳损失! 保存模型...") == 2 and ("--keep last" in out) == (keep == "last")
 
 
 class Crash(Exception):
