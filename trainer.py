@@ -285,8 +285,9 @@ class Trainer:
         record.update(report.metrics)
         if report.score is not None:
             score = report.score
-        improved = score < self.best
-        self.best = min(score, self.best)
+        improved = score < self.best                  # False for a NaN score, which never becomes the best
+        if improved:
+            self.best = score
         if (improved or self.cfg.keep == "last") and self.is_main:
             print("→ 新的最佳损失! 保存模型..." if improved else "→ 不比之前最好的低，按 --keep last 仍保存这一轮...", flush=True)
             save_checkpoint(self.cfg.output, self.model, self.tokenizer,
