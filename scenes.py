@@ -243,7 +243,7 @@ class SceneDataset(torch.utils.data.Dataset):
             cells[1] = IGNORE                                       # and the probe learns no colour from it
         elif self.reshape and swap.random() < self.reshape:         # shapes of no name in the same colours:
             drawn = [Obj(swap.choice(NAMELESS), o.colour, o.cell) for o in objs]   # only colours are asked
-            image = render(drawn, make_scene(self.seed, self.split, i)[1], self.image_size)
+            image = render(drawn, make_scene(self.seed, self.split, i)[1], self.image_size)   # the picture's own places
             chosen = pick_questions(objs, swap, self.lang, swap.randint(1, self.max_turns), kinds=("count", "colour_at"))
             cells[0][cells[0] > 0] = IGNORE                         # and the probe learns no shape from it
         messages = []
