@@ -40,33 +40,48 @@ def autocast_dtype(device: torch.device, precision: str):
 
 
 def cpu_bf16_speedup() -> float:
-    """fp32 time / bf16 time of the same matmul on this CPU (matmul_rates, a ~0.1 s measurement)."""
+    """fp32 time / bf16 time of the same matmul on this CPU (matmul_rates, a ~0.2 s measurement)."""
     rates = matmul_rates(torch.device("cpu"), (torch.float32, torch.bfloat16))
     return rates[torch.bfloat16] / rates[torch.float32]
 
 
 @functools.cache
-def matmul_rates(device: torch.device, dtypes: tuple) -> dict:
-    """{dtype: GFLOP/s} of a 512x1024 @ 1024x1024 matmul on `device`, best of 3 rounds of 3: what
-    --precision auto decides by, and the machine's reference figure a training run prints and logs."""
-    return {dt: matmul_rate(dt, device) for dt in dtypes}
+def matmul_rates(device: torch.device, dtypes: tuple, rounds: int = 5) -> dict:
+    """{dtype: GFLOP/s} of a 512x1024 @ 1024x1024 matmul on `device`: what --precision auto decides
+    by, and the machine's reference figure a training run prints and logs. The dtypes take turns,
+    round by round, and each keeps its best round: a moment when a shared machine is busy then slows
+    them alike instead of one alone (timed one after the other, a 2-core VM once measured bf16 no
+    faster than fp32 and trained a demo in fp32, twice as slow; docs/training.md)."""
+    timers = {dt: matmul_timer(dt, device) for dt in dtypes}
+    best = dict.fromkeys(dtypes, float("inf"))
+    for _ in range(rounds):
+        for dt, timer in timers.items():
+            best[dt] = min(best[dt], timer())
+    flop = 2 * 512 * 1024 * 1024 * 3                            # matmul_timer's default sizes
+    return {dt: flop / t / 1e9 for dt, t in best.items()}
 
 
-def matmul_rate(dtype, device, n: int = 1024, reps: int = 3, m: int = 512) -> float:
-    """GFLOP/s of an (m x n) @ (n x n) matmul in `dtype`, best of 3 rounds of `reps` (after one warm-up)."""
+def matmul_timer(dtype, device, n: int = 1024, reps: int = 3, m: int = 512):
+    """A function that times `reps` (m x n) @ (n x n) matmuls in `dtype` (after one warm-up), in seconds."""
     g = torch.Generator().manual_seed(0)          # leaves the global generator (a run's seed) alone
     a, b = (torch.randn(r, n, generator=g).to(device, dtype) for r in (m, n))
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a @ b
-    best = float("inf")
-    for _ in range(3):
+
+    def timed() -> float:
         sync()
         t = time.perf_counter()
         for _ in range(reps):
             a @ b
         sync()
-        best = min(best, time.perf_counter() - t)
-    return 2 * m * n * n * reps / best / 1e9
+        return time.perf_counter() - t
+    return timed
+
+
+def matmul_rate(dtype, device, n: int = 1024, reps: int = 3, m: int = 512) -> float:
+    """GFLOP/s of an (m x n) @ (n x n) matmul in `dtype`, best of 3 rounds of `reps` (after one warm-up)."""
+    timed = matmul_timer(dtype, device, n, reps, m)
+    return 2 * m * n * n * reps / min(timed() for _ in range(3)) / 1e9
 
 
 def default_workers() -> int:

@@ -1,6 +1,8 @@
 """The pace a run reports: the machine's reference figure, the estimate after the first steps."""
+import pytest
 import torch
 
+import devices
 import pace
 
 
@@ -8,6 +10,23 @@ def test_reference_figure_is_a_measured_matmul_rate_in_fp32_and_the_runs_precisi
     fig = pace.reference_figure(torch.device("cpu"), torch.bfloat16)
     assert set(fig) == {"fp32", "bf16"} and all(v > 0.1 for v in fig.values())
     assert set(pace.reference_figure(torch.device("cpu"), None)) == {"fp32"}
+
+
+def test_a_busy_moment_slows_both_dtypes_alike_so_auto_still_sees_bf16_faster(monkeypatch):
+    """A shared VM busy for five timings in a row (4x slower): timed one dtype after the other, all
+    five of bf16's rounds would fall in it and bf16 would look slower than fp32 (--precision auto
+    then trains in fp32, twice as slow); taking turns, each dtype keeps a quiet round."""
+    calls = []
+
+    def fake_timer(dtype, device):
+        def timed():
+            calls.append(dtype)
+            return {torch.float32: 1.0, torch.bfloat16: 0.4}[dtype] * (4 if 6 <= len(calls) <= 10 else 1)
+        return timed
+    monkeypatch.setattr(devices, "matmul_timer", fake_timer)
+    rates = devices.matmul_rates.__wrapped__(torch.device("cpu"), (torch.float32, torch.bfloat16))
+    assert len(calls) == 10 and calls[:2] == [torch.float32, torch.bfloat16]
+    assert rates[torch.bfloat16] / rates[torch.float32] == pytest.approx(2.5)
 
 
 def test_the_estimate_follows_the_timed_steps_and_counts_validation(monkeypatch, capsys):
