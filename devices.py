@@ -53,16 +53,16 @@ def matmul_rates(device: torch.device, dtypes: tuple, rounds: int = 5) -> dict:
     them alike instead of one alone (timed one after the other, a 2-core VM once measured bf16 no
     faster than fp32 and trained a demo in fp32, twice as slow; docs/training.md)."""
     timers = {dt: matmul_timer(dt, device) for dt in dtypes}
-    best = dict.fromkeys(dtypes, float("inf"))
+    best = dict.fromkeys(dtypes, 0.0)
     for _ in range(rounds):
         for dt, timer in timers.items():
-            best[dt] = min(best[dt], timer())
-    flop = 2 * 512 * 1024 * 1024 * 3                            # matmul_timer's default sizes
-    return {dt: flop / t / 1e9 for dt, t in best.items()}
+            best[dt] = max(best[dt], timer())
+    return best
 
 
 def matmul_timer(dtype, device, n: int = 1024, reps: int = 3, m: int = 512):
-    """A function that times `reps` (m x n) @ (n x n) matmuls in `dtype` (after one warm-up), in seconds."""
+    """A function that times `reps` (m x n) @ (n x n) matmuls in `dtype` (after one warm-up) and
+    returns their GFLOP/s."""
     g = torch.Generator().manual_seed(0)          # leaves the global generator (a run's seed) alone
     a, b = (torch.randn(r, n, generator=g).to(device, dtype) for r in (m, n))
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
@@ -74,14 +74,14 @@ def matmul_timer(dtype, device, n: int = 1024, reps: int = 3, m: int = 512):
         for _ in range(reps):
             a @ b
         sync()
-        return time.perf_counter() - t
+        return 2 * m * n * n * reps / (time.perf_counter() - t) / 1e9
     return timed
 
 
 def matmul_rate(dtype, device, n: int = 1024, reps: int = 3, m: int = 512) -> float:
     """GFLOP/s of an (m x n) @ (n x n) matmul in `dtype`, best of 3 rounds of `reps` (after one warm-up)."""
     timed = matmul_timer(dtype, device, n, reps, m)
-    return 2 * m * n * n * reps / min(timed() for _ in range(3)) / 1e9
+    return max(timed() for _ in range(3))
 
 
 def default_workers() -> int:

@@ -21,7 +21,7 @@ def test_a_busy_moment_slows_both_dtypes_alike_so_auto_still_sees_bf16_faster(mo
     def fake_timer(dtype, device):
         def timed():
             calls.append(dtype)
-            return {torch.float32: 1.0, torch.bfloat16: 0.4}[dtype] * (4 if 6 <= len(calls) <= 10 else 1)
+            return {torch.float32: 1.0, torch.bfloat16: 2.5}[dtype] / (4 if 6 <= len(calls) <= 10 else 1)   # GFLOP/s
         return timed
     monkeypatch.setattr(devices, "matmul_timer", fake_timer)
     rates = devices.matmul_rates.__wrapped__(torch.device("cpu"), (torch.float32, torch.bfloat16))
