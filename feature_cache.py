@@ -13,7 +13,7 @@ class CachedTower(torch.nn.Module):
     once and kept (up to `budget` bytes), so later epochs skip the tower. Images are told apart
     by a hash of their preprocessed pixels, so no data set has to cooperate; an image that
     changes (augmentation) is simply a new entry. To whatever watches the tower through a
-    forward hook (scenes.CellProbe), every batch looks as if the tower had seen it whole.
+    forward hook (probes.CellProbe), every batch looks as if the tower had seen it whole.
     CPU only: on a GPU the tower is cheap and hashing would copy every batch to the host."""
 
     def __init__(self, tower: torch.nn.Module, budget: float):

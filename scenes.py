@@ -293,57 +293,6 @@ def cell_labels(objs) -> torch.Tensor:
     return t
 
 
-class CellProbe(torch.nn.Module):
-    """Auxiliary training signal for the vision encoder (a few thousand parameters, not saved
-    with the model). From the encoder's patch features it predicts, for each 3x3 cell, the shape
-    and colour there (features pooled per cell), and for each patch, which cell it lies in.
-    Without it the language model first learns the caption pattern and ignores the image for a
-    long, seed-dependent while; with it the encoder learns to see from the first steps, and
-    every patch keeps a readable "where am I" code, which the position words of a caption need.
-    It reads the features through a forward hook, so the model's code stays untouched."""
-
-    def __init__(self, vision: torch.nn.Module, vit_dim: int, recolour: bool = True):
-        super().__init__()
-        self.shape = torch.nn.Linear(vit_dim, len(SHAPES) + 1)
-        self.colour = torch.nn.Linear(vit_dim, len(COLOURS) + 1)
-        self.where = torch.nn.Linear(vit_dim, 9)
-        self.feats = None
-        self.vision = [vision] if recolour else None      # a list: the model owns the encoder, not the probe
-        vision.register_forward_hook(self._keep)
-
-    def _keep(self, module, inputs, output):
-        self.feats = output if module.training else None
-
-    def forward(self, batch):                                  # feats (B, N, Dv), cells (B, 2, 9)
-        feats, cells, self.feats = self.feats.float(), batch["cells"], None    # held no longer than the step
-        loss = self._cells(feats, cells, colour=True)
-        vision = self.vision and self.vision[0]
-        if vision and next(vision.parameters()).requires_grad:   # an encoder that learns sees the scenes again
-            px = batch["pixels"]                 # with colour channels swapped (the order is the data's, so a
-            perm = batch["recolour"].to(px.device)                              # resumed run replays it):
-            px = px.gather(1, perm[:, :, None, None].expand_as(px))            # its shapes in new colours
-            vision(normalise(px, vision.cfg))
-            loss = loss + self._cells(self.feats.float(), cells, colour=False)
-            self.feats = None
-        return loss
-
-    def _cells(self, feats, cells, colour: bool):
-        B, N, D = feats.shape
-        g = math.isqrt(N)
-        grid = feats.transpose(1, 2).reshape(B, D, g, g)
-        pooled = torch.nn.functional.adaptive_avg_pool2d(grid, 3).flatten(2).transpose(1, 2)  # (B, 9, D)
-        rows = (torch.arange(g, device=feats.device) * 3 // g)                 # patch row -> cell row
-        cell_of_patch = (rows[:, None] * 3 + rows[None, :]).flatten().expand(B, N)
-        ce = torch.nn.functional.cross_entropy
-        loss = (ce(self.shape(pooled).flatten(0, 1), cells[:, 0].flatten())
-                + ce(self.where(feats).flatten(0, 1), cell_of_patch.flatten()))
-        if not colour:
-            return loss
-        colours = cells[:, 1].flatten()                        # a recoloured item's are IGNORE: a mean over
-        named = (colours != IGNORE).sum().clamp(min=1)         # the rest, 0 when a batch has none
-        return loss + ce(self.colour(pooled).flatten(0, 1), colours, reduction="sum") / named
-
-
 PERMS = [(1, 0, 2), (2, 1, 0), (0, 2, 1), (1, 2, 0), (2, 0, 1)]     # every order of R, G, B but the identity
 NEAR = 80          # RGB distance; yellow and orange, the closest two colours of the world, are 66 apart
 

@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+import probes
 import scenes
 from checkpoint import discard_resume, load_checkpoint
 from distributed import say
@@ -74,7 +75,7 @@ def main(argv=None):
     train = scenes.SceneDataset(a.train_size, "train", a.seed, a.lang, mcfg.vit_image_size, hide=a.hide,
                                 recolour=a.recolour, reshape=a.reshape)
     val = scenes.SceneDataset(a.val_size, "test", a.seed + 1000, a.lang, mcfg.vit_image_size)
-    probe = None if a.no_probe else scenes.CellProbe(model.vision, mcfg.vit_dim)
+    probe = None if a.no_probe else probes.CellProbe(model.vision, mcfg.vit_dim)
 
     def show_samples(model, epoch):
         samples = [val[i] for i in range(3)]

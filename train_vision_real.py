@@ -17,7 +17,7 @@ import backbones
 import captions
 import datacheck
 import images
-import pixel_probe
+import probes
 import sources
 from checkpoint import discard_resume, load_checkpoint
 from distributed import init_distributed, say
@@ -149,7 +149,7 @@ def main(argv=None):
 
     meta = {**meta, "lang": lang, "data": data.names, "select_by": a.select_by}
     trainer = trainer_class(cfg)(model, tok, sets.train, Collator(tok, model.cfg, pack=model.lm.packs), cfg, val_data=sets.val,
-                                 aux=pixel_probe.for_model(model), on_epoch_end=on_epoch_end, meta=meta)
+                                 aux=probes.for_model(model), on_epoch_end=on_epoch_end, meta=meta)
     if hint := scratch_hint(a, len(sets.train)):
         say(hint)
     try:

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+import probes  # noqa: E402
 import scenes  # noqa: E402
 from collate import Collator  # noqa: E402
 from model import PRESETS, VLM, VLMConfig  # noqa: E402
@@ -38,7 +39,7 @@ def trainer_for(pack: bool, tok, a, output: Path, optimizer: str = "adamw", muon
     data = scenes.SceneDataset(a.batch * a.steps, "train", 0, "zh", cfg.vit_image_size)
     tc = TrainConfig(batch_size=a.batch, epochs=1, output=str(output / f"{pack}-{id(tok)}.pt"), precision=a.precision,
                      workers=0, optimizer=optimizer, muon_steps=muon_steps)
-    return Trainer(model, tok, data, Collator(tok, cfg, pack=pack), tc, aux=scenes.CellProbe(model.vision, cfg.vit_dim),
+    return Trainer(model, tok, data, Collator(tok, cfg, pack=pack), tc, aux=probes.CellProbe(model.vision, cfg.vit_dim),
                    log=lambda *x: None)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import backbones
+import probes
 import scenes
 import tiny_hf
 from collate import Collator
@@ -107,7 +108,7 @@ def test_trainer_compile_trains_as_eager_does(tok, tmp_path):
         tc = TrainConfig(epochs=1, batch_size=8, lr=3e-3, output=str(tmp_path / name / "m.pt"), precision="fp32",
                          workers=0, compile=name == "compiled")
         CompiledTrainer.backend = Counting()
-        t = cls(model, tok, train, Collator(tok, cfg, pack=model.lm.packs), tc, aux=scenes.CellProbe(model.vision, cfg.vit_dim),
+        t = cls(model, tok, train, Collator(tok, cfg, pack=model.lm.packs), tc, aux=probes.CellProbe(model.vision, cfg.vit_dim),
                 log=lambda *a: None)
         t.fit()
         runs[name] = model.state_dict()

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import probes  # noqa: E402
 import scenes  # noqa: E402
 from collate import Collator  # noqa: E402
 from conftest import tiny_config  # noqa: E402
@@ -36,7 +37,7 @@ def build(tok, out: Path, cls=Trainer, **kw):
     val = scenes.SceneDataset(16, "test", 1, "zh", cfg.vit_image_size)
     tc = TrainConfig(**{**dict(epochs=3, batch_size=8, lr=3e-3, output=str(out / "m.pt"), precision="fp32",
                                save_every=1, workers=0, log_every=LOG_EVERY), **kw})
-    probe = scenes.CellProbe(model.vision, cfg.vit_dim)
+    probe = probes.CellProbe(model.vision, cfg.vit_dim)
     initial = torch.cat([p.detach().flatten().clone() for p in list(model.parameters()) + list(probe.parameters())])
     t = cls(model, tok, train, Collator(tok, cfg), tc, val_data=val, aux=probe, log=lambda *a: None)
     t.initial_weights = initial

@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+import probes
 import scenes
 
 
@@ -98,13 +99,15 @@ def test_colour_at_names_the_colour_of_every_cell():
 
 def test_the_probe_learns_no_colour_from_a_recoloured_item_even_when_a_batch_has_only_such():
     vision = torch.nn.Identity()
-    probe = scenes.CellProbe(vision, 8, recolour=False)
+    probe = probes.CellProbe(vision, 8, recolour=False)
     feats = torch.randn(2, 9, 8)                                  # 9 patches: one per cell, pooling keeps them
     cells = torch.tensor([[[1] * 9, [2] * 9], [[3] * 9, [4] * 9]])
 
+    pixels = torch.zeros(2, 3, 12, 12, dtype=torch.uint8)
+
     def loss(colours):
         vision(feats)                                             # the forward hook keeps the features
-        return probe({"cells": torch.cat([cells[:, :1], colours[:, None]], 1)})
+        return probe({"cells": torch.cat([cells[:, :1], colours[:, None]], 1), "pixels": pixels})
 
     none_named = loss(torch.full((2, 9), scenes.IGNORE))
     first_named = loss(torch.stack([cells[0, 1], torch.full((9,), scenes.IGNORE)]))
@@ -232,7 +235,7 @@ def test_cell_probe_also_reads_the_scenes_recoloured_for_shape_and_place_only(to
     grads = {}
     for recolour in (False, True):
         torch.manual_seed(1)
-        probe = scenes.CellProbe(model.vision, model.cfg.vit_dim, recolour=recolour)
+        probe = probes.CellProbe(model.vision, model.cfg.vit_dim, recolour=recolour)
         model.vision(normalise(batch["pixels"], model.cfg))          # the model's own pass, as in a step
         probe(batch).backward()
         grads[recolour] = {n: p.grad.clone() for n, p in probe.named_parameters()}

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import probes
 import scenes
 from collate import Collator
 from model import VLM
@@ -43,7 +44,7 @@ def make_trainer(tok, tmp_path, cls=Trainer, prepare=None, **kw):
     val = scenes.SceneDataset(16, "test", 1, "zh", cfg.vit_image_size)
     tc = TrainConfig(**{**dict(epochs=2, batch_size=8, lr=3e-3, output=str(tmp_path / "m.pt"),
                                precision="fp32", save_every=2, workers=0), **kw})
-    probe = scenes.CellProbe(model.vision, cfg.vit_dim)
+    probe = probes.CellProbe(model.vision, cfg.vit_dim)
     return cls(model, tok, train, Collator(tok, cfg), tc, val_data=val, aux=probe, log=lambda *a: None)
 
 
@@ -198,7 +199,7 @@ def test_a_cache_that_does_not_fit_keeps_what_fits_and_recomputes_the_rest(tok, 
 
 
 def test_the_cache_shows_watchers_of_the_tower_every_whole_batch(tok, tmp_path):
-    """A forward hook on the tower (scenes.CellProbe reads features this way) sees the whole
+    """A forward hook on the tower (probes.CellProbe reads features this way) sees the whole
     batch's features, also when all of them came from memory."""
     from feature_cache import CachedTower
     t = make_trainer(tok, tmp_path, prepare=projector_only, feature_cache_gb=0)

@@ -1,7 +1,8 @@
-"""PixelProbe: the label-free target that helps a from-scratch ViT learn to see real pictures."""
+"""probes.py: the auxiliary targets that help a from-scratch ViT learn to see (PixelProbe for real
+pictures; the silhouettes CellProbe predicts on the demo's scenes, tested with it in test_scenes.py)."""
 import torch
 
-import pixel_probe
+import probes
 from model import PRESETS, VLM, VLMConfig
 
 
@@ -12,7 +13,7 @@ def tiny_model():
 
 def test_each_patch_gets_its_own_pixels_pooled():
     model = tiny_model()
-    probe = pixel_probe.for_model(model)
+    probe = probes.for_model(model)
     pixels = -torch.ones(2, 3, 48, 48)
     pixels[0, 0, :16, 16:32] = 1.0                    # image 0: a red patch at row 0, column 1
     pixels[1, 2, 32:, 32:] = 1.0                      # image 1: a blue patch at the bottom right
@@ -27,7 +28,7 @@ def test_each_patch_gets_its_own_pixels_pooled():
 
 def test_the_probe_trains_the_encoder_and_only_when_it_should():
     model = tiny_model()
-    probe = pixel_probe.for_model(model)
+    probe = probes.for_model(model)
     model.train()
     pixels = torch.rand(4, 3, 48, 48) * 2 - 1
     params = list(model.vision.parameters()) + list(probe.parameters())
@@ -44,4 +45,24 @@ def test_the_probe_trains_the_encoder_and_only_when_it_should():
     assert probe({"pixels": None}).item() == 0.0     # a text-only batch adds nothing
     for p in model.vision.parameters():              # a frozen encoder gets no probe
         p.requires_grad_(False)
-    assert pixel_probe.for_model(model) is None
+    assert probes.for_model(model) is None
+
+
+def test_silhouettes_are_colour_blind_and_pooled_per_patch():
+    """A yellow and a blue cross drawn alike have one silhouette (1 on the shape, 0 on the
+    background), and so has either with its colour channels swapped, as the probe's second look."""
+    from PIL import Image, ImageDraw
+
+    def cross(colour):
+        img = Image.new("RGB", (48, 48), (205, 200, 210))
+        d = ImageDraw.Draw(img)
+        d.rectangle([18, 4, 28, 44], fill=colour)
+        d.rectangle([4, 18, 44, 28], fill=colour)
+        return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(48, 48, 3).permute(2, 0, 1)
+    pixels = torch.stack([cross((235, 200, 25)), cross((35, 75, 220))])
+    s = probes.silhouettes(pixels)
+    assert s.shape == (2, 1, 48, 48) and set(s.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(s[0], s[1]) and s[0, 0, 20, 6] == 1 and s[0, 0, 6, 6] == 0
+    assert torch.equal(probes.silhouettes(pixels[:, [2, 0, 1]]), s)
+    patches = probes.per_patch(s, 3, 4)                 # (2, 9, 16): the cross covers the centre patch
+    assert patches.shape == (2, 9, 16) and patches[0, 4].min() > 0 and patches[0, [0, 2, 6, 8]].max() == 0
