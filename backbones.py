@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from errors import UserError
+from layout import at_columns
 from model import VLM, VLMConfig
 from tokenizer import IMAGE, ChatTemplateTokenizer
 
@@ -216,15 +217,14 @@ class HFLanguageModel(nn.Module):
     def embed(self, ids):
         return self.hf_model.get_input_embeddings()(ids)
 
-    def forward(self, x, positions, mask=None, cache=None, q_from: int = 0):
-        # Our mask is causal & "key is not padding" (B, 1, T, T_total); its last query row
-        # sees every key the batch may see, i.e. it is the 2-D key mask transformers expects.
+    def forward(self, x, positions, mask=None, cache=None, queries=None):
+        # our mask (B, 1, T, T_total)'s last query row sees every key the batch may: transformers' 2-D key mask
         key_mask = None if mask is None else mask[:, 0, -1, :].long()
         decoder = self.hf_model.get_decoder()
         cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
         out = decoder(inputs_embeds=x, position_ids=positions, attention_mask=key_mask, use_cache=cache is not None,
                       **{cache_arg: cache})                  # transformers 5.x renamed past_key_values
-        return out.last_hidden_state[:, q_from:]             # computed for all, returned from q_from on
+        return at_columns(out.last_hidden_state, queries)  # computed for all, returned for `queries`
 
     def get_output_embeddings(self) -> nn.Module:
         return self.hf_model.get_output_embeddings()

@@ -14,15 +14,22 @@ import torch
 
 
 class Targets(NamedTuple):
-    """The loss's positions: the last decoder block produces columns start.. only, and the logits
-    are taken at `index`, rows of those hidden states flattened to (B * (T - start), D)."""
-    start: int                  # first column whose next token is supervised
+    """The loss's positions: the last decoder block produces only the columns `queries` (B, Tq) of
+    each row (its supervised columns, left-aligned; a row with fewer repeats unsupervised ones), and
+    the logits are taken at `index`, rows of those hidden states flattened to (B * Tq, D)."""
+    queries: torch.Tensor       # (B, Tq) long: columns whose next token is supervised
     index: torch.Tensor         # (n,) long
     target: torch.Tensor        # (n,) the next tokens there
 
     def to(self, device, non_blocking: bool = False) -> "Targets":
-        return Targets(self.start, self.index.to(device, non_blocking=non_blocking),
-                       self.target.to(device, non_blocking=non_blocking))
+        return Targets(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+
+def at_columns(t: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """t (B, T, ...) at each row's columns `queries` (B, Tq): (B, Tq, ...); all of t if queries is None."""
+    if queries is None:
+        return t
+    return t.gather(1, queries.view(*queries.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:]))
 
 
 def image_positions(input_ids, n_images: int, image_token_id: int, image_tokens: int) -> torch.Tensor:
@@ -41,10 +48,10 @@ def loss_targets(labels) -> Targets:
     """labels (B, T), -100 where no loss is taken -> Targets."""
     target = labels[:, 1:]                              # position p predicts token p + 1
     keep = target != -100
-    cols = keep.any(0).nonzero()
-    start = int(cols[0]) if len(cols) else 0
-    rows, col = keep[:, start:].nonzero(as_tuple=True)
-    return Targets(start, rows * (labels.shape[1] - start) + col, target[:, start:][keep[:, start:]])
+    n = keep.sum(1, keepdim=True)
+    queries = keep.int().argsort(dim=1, descending=True, stable=True)[:, :max(1, int(n.max()))]   # supervised first
+    taken = torch.arange(queries.shape[1], device=labels.device) < n         # (B, Tq): the slots that are supervised
+    return Targets(queries, taken.flatten().nonzero().squeeze(1), target.gather(1, queries)[taken])
 
 
 class Attention(NamedTuple):
