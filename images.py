@@ -140,7 +140,7 @@ def to_tensor(img: Image.Image, cfg) -> torch.Tensor:
     """RGB image -> (3, S, S) uint8 tensor at the encoder's size. `cfg` declares vit_image_size
     (a VLMConfig); normalise() makes the encoder's input of it, on the device."""
     size = cfg.vit_image_size
-    img = resize(img.convert("RGB"), size)
+    img = resize(img if img.mode == "RGB" else img.convert("RGB"), size)
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
 
 

@@ -10,6 +10,7 @@ Export a folder usable by `train_vision_real.py --data-source local`:
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -205,7 +206,9 @@ class SceneDataset(torch.utils.data.Dataset):
     A scene's picture is the same every epoch (only its questions change), so the pictures are
     drawn once, up front, and kept, up to CACHE_BYTES: drawing them every epoch was 8% of a demo
     step on a 2-core CPU, and drawn during the first epoch they would make its pace (the printed
-    estimate of the training time) slower than the later epochs'."""
+    estimate of the training time) slower than the later epochs'. The scene's objects, the channel
+    orders it may be recoloured with and its probe labels are kept beside the picture for the same
+    reason (and each scene's questions, by pick_questions)."""
 
     epoch_keys = True                                           # items are keyed (epoch, index)
     CACHE_BYTES = 1 << 30
@@ -216,24 +219,29 @@ class SceneDataset(torch.utils.data.Dataset):
         self.size, self.split, self.seed, self.lang = size, split, seed, lang
         self.image_size, self.max_turns, self.hide = image_size, max_turns, hide
         self.recolour, self.reshape = recolour, reshape
-        self.pictures = {}
+        self.pictures, self.kept = {}, {}
         for i in range(min(size, self.CACHE_BYTES // (3 * image_size ** 2))):
             self.pictures[i] = render(*make_scene(seed, split, i), image_size)
+            self.kept[i] = self.scene(i)
 
     def __len__(self):
         return self.size
 
+    def scene(self, i: int):
+        """(objects, the PERMS it may be recoloured with, its probe labels): the same every epoch."""
+        objs = make_scene(self.seed, self.split, i)[0]
+        return objs, far_from_heldout(objs), cell_labels(objs)
+
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        objs, rng = make_scene(self.seed, self.split, i)
-        image = self.pictures[i] if i in self.pictures else render(objs, rng, self.image_size)
+        objs, perms, cells = self.kept[i] if i in self.kept else self.scene(i)
+        image = self.pictures[i] if i in self.pictures else render(*make_scene(self.seed, self.split, i), self.image_size)
         task = random.Random(f"{self.seed}/{self.split}/{i}/task/{epoch}")
         turns = [(task.choice(CAPTION_PROMPTS[self.lang]), caption(objs, self.lang))]
         turns += pick_questions(objs, task, self.lang, 3)
         chosen = task.sample(turns, task.randint(1, self.max_turns))
-        perms = far_from_heldout(objs)
         probe_order = task.choice(perms) if perms else (0, 1, 2)    # CellProbe's second look at the scene
-        cells = cell_labels(objs)
+        cells = cells.clone()
         swap = random.Random(f"{self.seed}/{self.split}/{i}/recolour/{epoch}")
         if self.recolour and swap.random() < self.recolour and perms:   # the same shapes in colours of no name:
             order, bands = swap.choice(perms), image.split()        # only what does not name a colour is asked
@@ -265,12 +273,7 @@ def pick_questions(objs, rng: random.Random, lang: str, k: int, kinds=ASKED):
     """k different questions of the given kinds, balanced: each kind drawn by KIND_WEIGHTS, and within
     a kind questions about something present as likely as "is there anything at X?" with the answer no
     (most cells are empty, so uniform sampling would teach the model to answer "nothing")."""
-    groups = {}
-    for kind, q, a, present in questions(objs, lang) + (colour_at(objs, lang) if "colour_at" in kinds else []):
-        if kind in kinds:
-            groups.setdefault(kind, {}).setdefault(present, []).append((q, a))
-    drawn = sorted(groups)
-    weights = [KIND_WEIGHTS[kind] for kind in drawn]
+    drawn, weights, groups = grouped_questions(tuple(objs), lang, tuple(kinds))
     picked = []
     while len(picked) < k:
         by_answer = groups[rng.choices(drawn, weights)[0]]
@@ -278,6 +281,18 @@ def pick_questions(objs, rng: random.Random, lang: str, k: int, kinds=ASKED):
         if qa not in picked:
             picked.append(qa)
     return picked
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def grouped_questions(objs: tuple, lang: str, kinds: tuple):
+    """pick_questions' questions of a scene by kind and by whether they are about something present,
+    the kinds and their weights: the same every epoch, so kept (read only)."""
+    groups = {}
+    for kind, q, a, present in questions(objs, lang) + (colour_at(objs, lang) if "colour_at" in kinds else []):
+        if kind in kinds:
+            groups.setdefault(kind, {}).setdefault(present, []).append((q, a))
+    drawn = sorted(groups)
+    return drawn, [KIND_WEIGHTS[kind] for kind in drawn], groups
 
 
 IGNORE = -100                  # a cell label the probe skips (cross_entropy's ignore_index)
