@@ -29,7 +29,7 @@ from trainer import TrainingInterrupted
 
 def build_parser():
     p = ArgumentParser(
-        description="合成数据演示：在 CPU 上从零训练一个能看懂简单图形的小型视觉语言模型（2 核 AMD EPYC（avx512_bf16）上训练约 4～5 分钟）。")
+        description="合成数据演示：在 CPU 上从零训练一个能看懂简单图形的小型视觉语言模型（2 核 AMD EPYC（avx512_bf16）上训练约 3.5～4.5 分钟）。")
     add_train_flags(p, batch_size=48, epochs=7, lr=1e-3, optimizer="muon", muon_steps=3, keep="last")
     p.add_argument("--train-size", type=int, default=6000, help="每轮的训练场景数 (默认: 6000)")
     p.add_argument("--val-size", type=int, default=256, help="验证场景数 (默认: 256)")
