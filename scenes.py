@@ -207,7 +207,7 @@ class SceneDataset(torch.utils.data.Dataset):
     drawn once, up front, and kept, up to CACHE_BYTES: drawing them every epoch was 8% of a demo
     step on a 2-core CPU, and drawn during the first epoch they would make its pace (the printed
     estimate of the training time) slower than the later epochs'. The scene's objects, the channel
-    orders it may be recoloured with and its probe labels are kept beside the picture for the same
+    orders it may be recoloured with and its probe labels are kept with the picture for the same
     reason (and each scene's questions, by pick_questions)."""
 
     epoch_keys = True                                           # items are keyed (epoch, index)
@@ -219,23 +219,19 @@ class SceneDataset(torch.utils.data.Dataset):
         self.size, self.split, self.seed, self.lang = size, split, seed, lang
         self.image_size, self.max_turns, self.hide = image_size, max_turns, hide
         self.recolour, self.reshape = recolour, reshape
-        self.pictures, self.kept = {}, {}
-        for i in range(min(size, self.CACHE_BYTES // (3 * image_size ** 2))):
-            self.pictures[i] = render(*make_scene(seed, split, i), image_size)
-            self.kept[i] = self.scene(i)
+        self.kept = {i: self.scene(i) for i in range(min(size, self.CACHE_BYTES // (3 * image_size ** 2)))}
 
     def __len__(self):
         return self.size
 
     def scene(self, i: int):
-        """(objects, the PERMS it may be recoloured with, its probe labels): the same every epoch."""
-        objs = make_scene(self.seed, self.split, i)[0]
-        return objs, far_from_heldout(objs), cell_labels(objs)
+        """(picture, objects, the PERMS it may be recoloured with, its probe labels): the same every epoch."""
+        objs, rng = make_scene(self.seed, self.split, i)
+        return render(objs, rng, self.image_size), objs, far_from_heldout(objs), cell_labels(objs)
 
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        objs, perms, cells = self.kept[i] if i in self.kept else self.scene(i)
-        image = self.pictures[i] if i in self.pictures else render(*make_scene(self.seed, self.split, i), self.image_size)
+        image, objs, perms, cells = self.kept[i] if i in self.kept else self.scene(i)
         task = random.Random(f"{self.seed}/{self.split}/{i}/task/{epoch}")
         turns = [(task.choice(CAPTION_PROMPTS[self.lang]), caption(objs, self.lang))]
         turns += pick_questions(objs, task, self.lang, 3)

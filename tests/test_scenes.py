@@ -26,7 +26,7 @@ def test_pictures_are_drawn_once_up_front_and_items_are_as_drawn_afresh(monkeypa
     assert items[1]["image"].tobytes() == scenes.render(objs, rng, 72).tobytes()
     monkeypatch.setattr(scenes.SceneDataset, "CACHE_BYTES", 2 * 3 * 72 * 72)   # room for two pictures
     small = scenes.SceneDataset(4, seed=7, image_size=72)
-    assert list(small.pictures) == [0, 1]
+    assert list(small.kept) == [0, 1]
     assert small[3]["image"].tobytes() == items[0]["image"].tobytes()           # the rest drawn when asked
 
 
