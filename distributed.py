@@ -3,6 +3,7 @@ rank's share of a batch order, start-up work done once on rank 0, and summing a 
 all ranks. A plain `python` run is rank 0 of 1 and never touches torch.distributed."""
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 
@@ -41,7 +42,16 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
         # their next all-reduce: allow that an hour instead of NCCL's default 10 minutes
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1),
                                 device_id=device if device.type == "cuda" else None)
+        # left to interpreter shutdown, gloo's worker threads can abort the process at exit
+        # ("terminate called without an active exception"): take the group down while Python lives
+        atexit.register(leave_group)
     return rank, world, device
+
+
+def leave_group():
+    """Destroy the process group if one is still up (registered to run at exit)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_keys(order: list, batch: int, world: int, rank: int, accum: int = 1) -> list:

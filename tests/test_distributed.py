@@ -77,6 +77,32 @@ def test_streamed_rows_are_split_between_ranks(shards):
     assert seen[0] | seen[1] == {f"photo {i}" for i in range(8)}
 
 
+EXIT_AFTER_COLLECTIVES = """
+import torch, torch.distributed as dist
+from distributed import init_distributed
+init_distributed(torch.device("cpu"))
+for _ in range(50):
+    dist.all_reduce(torch.ones(1000))
+    dist.all_gather([torch.empty(10) for _ in range(2)], torch.ones(10))
+"""
+
+
+def test_ranks_leave_the_process_group_before_python_shuts_down():
+    """A group left to interpreter shutdown lets gloo's threads abort a rank as it exits
+    ("terminate called without an active exception": 15 of 25 two-rank runs here without the
+    fix, 0 of 25 with it). init_distributed takes the group down at exit; 4 rounds of 2 ranks."""
+    from serve_helpers import free_port
+    for _ in range(4):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+        ranks = [subprocess.Popen([sys.executable, "-c", EXIT_AFTER_COLLECTIVES], cwd=ROOT, text=True,
+                                  env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+        for p in ranks:
+            out = p.communicate(timeout=120)[0]
+            assert p.returncode == 0, out[-2000:]
+
+
 @pytest.fixture
 def own_tmp():
     """A private folder: on a machine shared by several pytest sessions, pytest's own tmp_path
