@@ -74,7 +74,9 @@ def positions_and_mask(attention_mask, shape) -> Attention:
     B, T = shape
     if attention_mask is None or bool((attention_mask == 1).all()):
         dev = None if attention_mask is None else attention_mask.device
-        return Attention(torch.arange(T, device=dev).expand(B, T), None)
+        # a tensor of its own, not an expanded view: a DataLoader pins the collator's batches for
+        # a GPU, and pinning copies into a tensor of the same strides, which must not overlap
+        return Attention(torch.arange(T, device=dev).repeat(B, 1), None)
     am = attention_mask
     col = torch.arange(T, device=am.device).expand(B, T)
     first = torch.cat([torch.ones_like(am[:, :1], dtype=torch.bool), am[:, 1:] != am[:, :-1]], 1)

@@ -105,6 +105,20 @@ def test_packed_rows_train_exactly_like_one_sample_a_row(tok):
         torch.testing.assert_close(grads_packed[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+def test_every_tensor_of_a_batch_can_be_pinned(pack, tok):
+    """On a GPU the DataLoader pins each batch: it copies every tensor into pinned memory of the
+    same strides, which fails for a view whose elements share memory (an expanded arange did, on
+    the H200, for every unpacked training batch). The copy is made here the same way."""
+    cfg = tiny_config(tok)
+    for train in (True, False):
+        batch = Collator(tok, cfg, train=train, pack=pack)(samples() * 2)
+        tensors = [t for v in batch.values() for t in (v if isinstance(v, tuple) else [v]) if isinstance(t, torch.Tensor)]
+        assert len(tensors) >= (8 if train else 3)
+        for t in tensors:
+            assert torch.equal(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t), t)
+
+
 def test_pack_fills_rows_longest_first_and_never_past_the_row():
     rows = pack([5, 9, 2, 4, 7, 1], 9)
     assert rows == [[1], [4, 2], [0, 3], [5]]             # 9 | 7+2 | 5+4 | 1
