@@ -189,8 +189,9 @@ def run_plan(plan, work: Path, device: str, warm: int, steps: int, budget: float
         try:
             subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], timeout=min(limit, left),
                            check=True, capture_output=True, text=True)
-        except subprocess.TimeoutExpired:
-            skipped.append(f"{what}：超过 {min(limit, left):.0f} 秒，后面的 batch 没有测")
+        except subprocess.TimeoutExpired as e:          # what it printed last says where it was
+            said = "".join(b.decode(errors="replace") if isinstance(b, bytes) else (b or "") for b in (e.stdout, e.stderr))
+            skipped.append(f"{what}：超过 {min(limit, left):.0f} 秒，后面的 batch 没有测；最后的输出：{said.strip()[-400:]}")
         except subprocess.CalledProcessError as e:
             skipped.append(f"{what}：子进程出错（退出码 {e.returncode}）：{e.stderr.strip()[-600:]}")
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []

@@ -31,8 +31,9 @@ start=$(date +%s)
   else
     timeout 310 "$PY" bench/bench_real.py --budget 250 --out "$OUT" || echo "bench_real 超时或失败"
     timeout 90 "$PY" bench/bench_sizes.py --out "$OUT/gpu_sizes.json" || echo "bench_sizes 超时或失败"
-    timeout 35 "$PY" bench/bench_train.py --device cuda --precision bf16 --steps 20 --json > "$OUT/gpu_train.json" || echo "bench_train 超时或失败"
-    timeout 35 "$PY" bench/bench_generate.py --device cuda --precision bf16 --json > "$OUT/gpu_generate.json" || echo "bench_generate 超时或失败"
+    # peak memory is bench_sizes' column; measuring it here again would start four more processes
+    timeout 90 "$PY" bench/bench_train.py --device cuda --precision bf16 --steps 20 --no-memory --json > "$OUT/gpu_train.json" || echo "bench_train 超时或失败"
+    timeout 90 "$PY" bench/bench_generate.py --device cuda --precision bf16 --no-memory --json > "$OUT/gpu_generate.json" || echo "bench_generate 超时或失败"
     if "$PY" -c "import vllm" 2>/dev/null; then
       timeout 240 "$PY" bench/bench_vllm.py --json "$OUT/gpu_vllm.json" || echo "bench_vllm 超时或失败"
     else
