@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU 检查（一块 GPU，约 8 分钟，不下载任何东西）：
+# GPU 检查（一块 GPU，约 6～10 分钟，装了 vLLM 时最多约 14 分钟；不下载任何东西）：
 #   1. 真实训练路径（bench/bench_real.py）：train_vision_real.py 在生成的图片文件夹上，按配置随机初始化的
 #      CLIP-B/16 + Qwen2.5-0.5B（时间够时另有 1.5B、7B），projector / vision+projector / lora 各扫 batch
 #      直到显存不够：样本/s、MFU（规格峰值与实测峰值）、最大已分配 / 已保留显存
