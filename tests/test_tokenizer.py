@@ -106,3 +106,17 @@ def test_splits_like_gpt2_and_no_merge_joins_a_cjk_character(tok):
     assert [tok.decode([i]) for i in tok.encode(" 红色的")] == [" ", "红色", "的"]
     assert joins_cjk("红".encode(), "色".encode()) and joins_cjk(b" ", "红".encode()[:1])
     assert not joins_cjk(b"a", b"b") and not joins_cjk("红".encode()[:1], "红".encode()[1:])
+
+
+def test_kept_encodings_are_bounded_and_equal_fresh_ones(tok, monkeypatch):
+    """Tokenizer.encode keeps short texts' ids (training texts repeat every epoch); a server's
+    tokenizer sees any text, so what is kept is bounded in count and in length."""
+    monkeypatch.setattr(Tokenizer, "KNOWN_TEXTS", 3)
+    t = Tokenizer.from_str(tok.to_str())
+    long = "一个红色的圆形" * 40
+    texts = ["红色", "圆形在左边", long, "图中有两个形状", "蓝色的方形", "红色"]
+    got = [t.encode(x) for x in texts]
+    assert got == [tok.tok.encode(x, add_special_tokens=False).ids for x in texts]
+    assert list(t.known) == ["红色", "圆形在左边", "图中有两个形状"]      # the long one never, then full
+    got[0].append(0)
+    assert t.encode("红色") == got[-1]                                   # callers get copies
